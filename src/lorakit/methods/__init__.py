@@ -1,0 +1,33 @@
+"""The family members, each a config class; this table is where names from the CLI, YAML and
+adapter_config.json become types (strings stay at the edges)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .lora import LoRAConfig
+
+# CLI / YAML method name -> config class. Later members add one line each.
+METHODS: dict[str, type] = {
+    "lora": LoRAConfig,
+}
+
+
+def config_from_peft(d: dict[str, Any]) -> Any:
+    """The lorakit config an `adapter_config.json` (PEFT's or ours) describes."""
+    peft_type = str(d.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        if d.get("use_dora"):
+            raise ValueError(
+                "this is a DoRA adapter (use_dora: true); DoRA is not in this lorakit version yet"
+            )
+        if d.get("alora_invocation_tokens"):
+            raise ValueError("this is an aLoRA adapter; aLoRA is not in this lorakit version yet")
+        return LoRAConfig.from_peft_dict(d)
+    supported = "LORA"
+    raise ValueError(
+        f"adapter_config.json has peft_type={d.get('peft_type')!r}; this lorakit reads: {supported}"
+    )
+
+
+__all__ = ["METHODS", "LoRAConfig", "config_from_peft"]

@@ -1,0 +1,65 @@
+"""lorakit: the LoRA family and the other PEFT schools in one small, readable PyTorch library."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .api import (
+    active_adapters,
+    adapter_names,
+    apply,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    param_groups,
+    save_adapter,
+    set_active,
+    summary,
+    trainable_parameters,
+    training_hooks,
+    unload,
+    unmerge,
+)
+from .core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
+from .core.state import AdapterLoadError
+from .methods import METHODS, LoRAConfig
+
+__version__ = "0.1.0"
+
+
+def load_model(path: str | None = None, **kwargs: Any) -> Any:
+    """(model, tokenizer): the default SmolLM2-135M-Instruct, or a local Hugging Face folder."""
+    from .models import load_model as _load  # transformers is imported only when needed
+
+    return _load(path, **kwargs)
+
+
+__all__ = [
+    "METHODS",
+    "AdaptedLayer",
+    "AdapterLoadError",
+    "Delta",
+    "LoRAConfig",
+    "NotMergeableError",
+    "Role",
+    "TrainingHooks",
+    "active_adapters",
+    "adapter_names",
+    "apply",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "load_model",
+    "merge",
+    "merge_and_unload",
+    "param_groups",
+    "save_adapter",
+    "set_active",
+    "summary",
+    "trainable_parameters",
+    "training_hooks",
+    "unload",
+    "unmerge",
+]

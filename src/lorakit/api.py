@@ -1,0 +1,71 @@
+"""The public functions (re-exported by `lorakit`): apply, merge, save and load adapters."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .core import model as core
+from .core import state
+from .methods import config_from_peft
+
+
+def apply(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Module:
+    """Add the method `config` describes to `model` in place, make it the active adapter, and
+    freeze everything else. Returns the same model."""
+    apply_to = getattr(config, "apply_to", None)
+    if callable(apply_to):  # model-level methods (prompt tuning, BitFit, ...) do their own wiring
+        apply_to(model, adapter_name)
+    else:
+        core.inject(model, config, adapter_name)
+    core.freeze_base(model)
+    core.set_active(model, [adapter_name])
+    return model
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | os.PathLike, adapter_names: Sequence[str] | None = None
+) -> list[Path]:
+    """Write adapters as Hugging Face PEFT folders (the "default" one at the root)."""
+    return state.save_adapter(model, out_dir, adapter_names)
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = True
+) -> Any:
+    """Load a lorakit or PEFT adapter folder onto a plain (or already adapted) model.
+
+    Builds the adapter its config describes, checks every key and shape, and leaves the model as
+    it was if anything does not fit. The adapter is active and, unlike PEFT's default, trainable.
+    """
+    config = state.load_adapter(model, path, config_from_peft, adapter_name, trainable)
+    core.freeze_base(model)
+    return config
+
+
+def set_active(model: nn.Module, adapter_names: str | Sequence[str]) -> None:
+    core.set_active(model, adapter_names)
+
+
+merge = core.merge
+unmerge = core.unmerge
+unload = core.unload
+merge_and_unload = core.merge_and_unload
+delete_adapter = core.delete_adapter
+disable_adapters = core.disable_adapters
+trainable_parameters = core.trainable_parameters
+param_groups = core.param_groups
+training_hooks = core.training_hooks
+summary = core.summary
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(core.registry(model).configs)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(core.registry(model).active)

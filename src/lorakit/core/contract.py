@@ -1,0 +1,208 @@
+"""The method contract: a wrapper that holds the original layer, and the deltas methods add to it.
+
+`AdaptedLayer` wraps a module by composition (`base_layer` is the untouched original), so any torch
+model works without edits. Each method contributes a `Delta` per wrapped layer; the layer computes
+
+    out = base_layer(x) + sum(delta(x, base_out, layer) for each active, unmerged delta)
+
+Deltas declare their parameters by role, so optimizer groups (LoRA+), freezing and saving never
+match substrings of parameter names.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+class Role(str, Enum):
+    """What a trainable tensor is for; optimizers and savers dispatch on this."""
+
+    A = "A"  # down-projection (rank x in)
+    B = "B"  # up-projection (out x rank)
+    MAGNITUDE = "magnitude"  # DoRA's per-output-unit magnitude
+    SINGULAR = "singular"  # AdaLoRA's singular values
+    PROMPT = "prompt"  # virtual-token embeddings / prefixes
+    BIAS = "bias"
+    NORM = "norm"
+    GATE = "gate"  # mixtures: router weights
+    FULL = "full"  # a whole base weight (full fine-tuning)
+    OTHER = "other"
+
+
+class NotMergeableError(RuntimeError):
+    """Raised when merging a method whose output is not a fixed weight change."""
+
+
+class Delta(nn.Module):
+    """One method's contribution to one wrapped layer.
+
+    Subclasses set `roles` (attribute -> Role) and `peft_keys` (attribute -> the key suffix that
+    Hugging Face PEFT writes, e.g. "lora_A.weight"), and implement `forward`. Mergeable deltas also
+    implement `merged_weight` / `unmerged_weight` on the weight in (out, in) layout.
+    """
+
+    roles: ClassVar[dict[str, Role]] = {}
+    peft_keys: ClassVar[dict[str, str]] = {}
+    mergeable: ClassVar[bool] = True
+
+    def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
+        raise NotImplementedError
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        raise NotMergeableError(f"{type(self).__name__} cannot be unmerged")
+
+    def restore_base(self, weight: Tensor) -> Tensor:
+        """The original base weight, for inits that rewrite it (PiSSA). Default: unchanged."""
+        return weight
+
+    def base_correction(self, x: Tensor, layer: AdaptedLayer) -> Tensor | None:
+        """What to add while this delta is inactive or disabled so the layer computes the original
+        base function, for inits that rewrite the base weight (PiSSA). Default: nothing."""
+        return None
+
+    def export_state(self) -> dict[str, Tensor]:
+        """Tensors to save, keyed by PEFT's suffix (a method may convert them, e.g. PiSSA)."""
+        return {suffix: getattr(self, attr).detach() for attr, suffix in self.peft_keys.items()}
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Copy saved tensors in; `core.state` has already checked keys and shapes."""
+        with torch.no_grad():
+            for attr, suffix in self.peft_keys.items():
+                getattr(self, attr).copy_(state[suffix])
+
+    def role_parameters(self) -> dict[Role, list[nn.Parameter]]:
+        groups: dict[Role, list[nn.Parameter]] = {}
+        for attr, role in self.roles.items():
+            groups.setdefault(role, []).append(getattr(self, attr))
+        return groups
+
+
+class AdaptedLayer(nn.Module):
+    """A linear-like module (nn.Linear, GPT-2 Conv1D, nn.Embedding) plus named deltas.
+
+    `weight_layout` says how the base stores its weight: "out_in" (nn.Linear) or "in_out"
+    (GPT-2's Conv1D, and nn.Embedding whose (num_embeddings, dim) rows act as the input side).
+    Deltas always see and return the weight in (out, in) layout.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.enabled = True
+        self.weight_layout = "out_in" if isinstance(base_layer, nn.Linear) else "in_out"
+
+    @property
+    def in_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[1] if self.weight_layout == "out_in" else w.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[0] if self.weight_layout == "out_in" else w.shape[1]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.base_layer, nn.Embedding)
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as an (out, in) fp32 tensor (a copy-free view where possible)."""
+        w = self.base_layer.weight.detach()
+        return (w if self.weight_layout == "out_in" else w.T).float()
+
+    def set_weight_out_in(self, weight: Tensor) -> None:
+        target = self.base_layer.weight
+        value = weight if self.weight_layout == "out_in" else weight.T
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        base_out = out
+        for name, delta in self.adapters.items():
+            if name in self.merged:
+                continue
+            if self.enabled and name in self.active:
+                out = out + delta(x, base_out, self)
+            elif (correction := delta.base_correction(x, self)) is not None:
+                out = out + correction
+        return out
+
+    def merge(self, name: str) -> None:
+        """Fold delta `name` into the base weight; refuses (changing nothing) on NaN/Inf."""
+        if name in self.merged:
+            raise RuntimeError(f"adapter '{name}' is already merged into this layer")
+        new = self.adapters[name].merged_weight(self.weight_out_in())
+        if not torch.isfinite(new).all():
+            raise ValueError(
+                f"merging adapter '{name}' would put NaN or Inf into the base weight; "
+                "nothing was changed (check the adapter's weights for divergence)"
+            )
+        self.set_weight_out_in(new)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            raise RuntimeError(f"adapter '{name}' is not merged into this layer")
+        self.set_weight_out_in(self.adapters[name].unmerged_weight(self.weight_out_in()))
+        self.merged.remove(name)
+
+    def unwrap(self) -> nn.Module:
+        """The original module: merged deltas are unmerged and init-time base edits undone."""
+        for name in list(self.merged):
+            self.unmerge(name)
+        for delta in self.adapters.values():
+            self.set_weight_out_in(delta.restore_base(self.weight_out_in()))
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+@runtime_checkable
+class LayerMethodConfig(Protocol):
+    """What core needs from a layer method's config (LoRA, DoRA, AdaLoRA, ...)."""
+
+    target_modules: Any
+    exclude_modules: Any
+
+    def build(self, layer: AdaptedLayer, path: str) -> Delta: ...
+
+    def to_peft_dict(self) -> dict[str, Any]: ...
+
+
+class TrainingHooks:
+    """Optional callbacks a method gives the trainer; see docs/architecture.md for when each runs.
+
+    A method overrides only what it needs. Extra losses are returned, never added to
+    `outputs.loss` behind the user's back, so the trainer can log each term.
+    """
+
+    def on_step_start(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def extra_losses(self, model: nn.Module) -> dict[str, Tensor]:
+        return {}
+
+    def on_after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
+        pass
+
+    def on_train_end(self, model: nn.Module, total_steps: int) -> None:
+        pass

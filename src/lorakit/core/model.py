@@ -1,0 +1,254 @@
+"""Adapters on a whole model: inject, activate, disable, merge, unmerge, unload, delete.
+
+The model keeps one registry attribute, `_lorakit` (adapter name -> config, and the active names),
+so any torch module works without being subclassed or wrapped in a model-level class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .contract import AdaptedLayer, Delta, Role, TrainingHooks
+from .target import find_targets
+
+
+@dataclass
+class Registry:
+    configs: dict[str, Any] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def registry(model: nn.Module) -> Registry:
+    reg = model.__dict__.get("_lorakit")
+    if reg is None:
+        reg = Registry()
+        model.__dict__["_lorakit"] = reg
+    return reg
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def adapter_deltas(
+    model: nn.Module, adapter_name: str
+) -> Iterator[tuple[str, AdaptedLayer, Delta]]:
+    for path, layer in adapted_layers(model):
+        if adapter_name in layer.adapters:
+            yield path, layer, layer.adapters[adapter_name]
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if name not in registry(model).configs:
+        known = ", ".join(registry(model).configs) or "none"
+        raise KeyError(f"no adapter named {name!r} on this model; adapters here: {known}")
+
+
+def inject(model: nn.Module, config: Any, adapter_name: str) -> list[str]:
+    """Wrap the config's target modules and give each a delta named `adapter_name`."""
+    if adapter_name in registry(model).configs:
+        raise ValueError(
+            f"an adapter named {adapter_name!r} already exists; delete it or pick another name"
+        )
+    paths = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
+    registry(model).configs[adapter_name] = config
+    try:
+        for path in paths:
+            module = model.get_submodule(path)
+            layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
+            if layer is not module:
+                model.set_submodule(path, layer)
+            layer.adapters[adapter_name] = config.build(layer, path)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+    return paths
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly these adapters active (their outputs add up); only active adapters train."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        _check_name(model, name)
+    registry(model).active = names
+    for _, layer in adapted_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+        for adapter, delta in layer.adapters.items():
+            delta.requires_grad_(adapter in names)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that does not belong to an adapter delta."""
+    for module in model.modules():
+        if isinstance(module, Delta):
+            continue
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter everywhere; a layer left with no adapter becomes the original module."""
+    for path, layer, delta in list(adapter_deltas(model, adapter_name)):
+        if adapter_name in layer.merged:
+            layer.unmerge(adapter_name)
+        layer.set_weight_out_in(delta.restore_base(layer.weight_out_in()))
+        del layer.adapters[adapter_name]
+        layer.active = [n for n in layer.active if n != adapter_name]
+        if not layer.adapters:
+            model.set_submodule(path, layer.base_layer)
+    reg = registry(model)
+    reg.configs.pop(adapter_name, None)
+    reg.active = [n for n in reg.active if n != adapter_name]
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model: merged adapters are unmerged for the duration, then merged back."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    remerge = [(layer, list(layer.merged)) for layer in layers]
+    for layer, names in remerge:
+        for name in reversed(names):
+            layer.unmerge(name)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+        for layer, names in remerge:
+            for name in names:
+                layer.merge(name)
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
+    """Fold the active (or named) adapters into the base weights; all or nothing."""
+    names = list(adapter_names) if adapter_names is not None else list(registry(model).active)
+    done: list[tuple[AdaptedLayer, str]] = []
+    try:
+        for name in names:
+            _check_name(model, name)
+            for _, layer, _ in adapter_deltas(model, name):
+                layer.merge(name)
+                done.append((layer, name))
+    except Exception:
+        for layer, name in reversed(done):
+            layer.unmerge(name)
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo every merge; raises if nothing is merged."""
+    merged = [(layer, name) for _, layer in adapted_layers(model) for name in layer.merged]
+    if not merged:
+        raise RuntimeError("no adapter is merged into this model; nothing to unmerge")
+    for layer, name in reversed(merged):
+        layer.unmerge(name)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every lorakit module and return the plain model (in place).
+
+    What is merged stays merged (so `merge` then `unload` gives a model with the adapter folded
+    in); unmerged adapters are dropped and any base-weight edit of their init is undone.
+    """
+    for path, layer in list(adapted_layers(model)):
+        for name, delta in layer.adapters.items():
+            if name not in layer.merged:
+                layer.set_weight_out_in(delta.restore_base(layer.weight_out_in()))
+        model.set_submodule(path, layer.base_layer)
+    model.__dict__.pop("_lorakit", None)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    merge(model, [n for n in registry(model).active if _has_unmerged(model, n)])
+    return unload(model)
+
+
+def _has_unmerged(model: nn.Module, name: str) -> bool:
+    return any(name not in layer.merged for _, layer, _ in adapter_deltas(model, name))
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    lr_ratios: dict[Role, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer groups by declared role: each role's lr is lr * lr_ratios.get(role, 1).
+
+    Trainable parameters outside any delta (model-level methods, full fine-tuning) get Role.OTHER.
+    """
+    ratios = lr_ratios or {}
+    by_role: dict[Role, list[nn.Parameter]] = {}
+    claimed: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Delta):
+            for role, params in module.role_parameters().items():
+                live = [p for p in params if p.requires_grad]
+                by_role.setdefault(role, []).extend(live)
+                claimed.update(id(p) for p in params)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    if rest:
+        by_role.setdefault(Role.OTHER, []).extend(rest)
+    return [
+        {
+            "params": ps,
+            "lr": lr * ratios.get(role, 1.0),
+            "weight_decay": weight_decay,
+            "role": role.value,
+        }
+        for role, ps in by_role.items()
+        if ps
+    ]
+
+
+def training_hooks(model: nn.Module) -> list[TrainingHooks]:
+    hooks = []
+    for name, config in registry(model).configs.items():
+        make = getattr(config, "training_hooks", None)
+        hook = make(model, name) if callable(make) else None
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
+
+
+def summary(model: nn.Module) -> str:
+    """A readable account: adapters, which modules they adapt, trainable / total, adapter bytes."""
+    trainable, total = trainable_parameters(model)
+    lines = []
+    for name, config in registry(model).configs.items():
+        deltas = list(adapter_deltas(model, name))
+        leaves = sorted({path.split(".")[-1] for path, _, _ in deltas})
+        n_bytes = sum(p.numel() * p.element_size() for _, _, d in deltas for p in d.parameters())
+        state = "active" if name in registry(model).active else "inactive"
+        lines.append(
+            f"adapter {name!r} ({type(config).__name__}, {state}): {len(deltas)} modules "
+            f"[{', '.join(leaves)}], {n_bytes / 2**20:.2f} MiB"
+        )
+    pct = 100.0 * trainable / max(total, 1)
+    lines.append(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable: {pct:.4f}%"
+    )
+    return "\n".join(lines)
