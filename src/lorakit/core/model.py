@@ -37,9 +37,7 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield name, module
 
 
-def adapter_deltas(
-    model: nn.Module, adapter_name: str
-) -> Iterator[tuple[str, AdaptedLayer, Delta]]:
+def adapter_deltas(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, AdaptedLayer, Delta]]:
     for path, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
             yield path, layer, layer.adapters[adapter_name]
@@ -54,9 +52,7 @@ def _check_name(model: nn.Module, name: str) -> None:
 def inject(model: nn.Module, config: Any, adapter_name: str) -> list[str]:
     """Wrap the config's target modules and give each a delta named `adapter_name`."""
     if adapter_name in registry(model).configs:
-        raise ValueError(
-            f"an adapter named {adapter_name!r} already exists; delete it or pick another name"
-        )
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     paths = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     registry(model).configs[adapter_name] = config
     try:
@@ -248,7 +244,5 @@ def summary(model: nn.Module) -> str:
             f"[{', '.join(leaves)}], {n_bytes / 2**20:.2f} MiB"
         )
     pct = 100.0 * trainable / max(total, 1)
-    lines.append(
-        f"trainable params: {trainable:,} || all params: {total:,} || trainable: {pct:.4f}%"
-    )
+    lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable: {pct:.4f}%")
     return "\n".join(lines)

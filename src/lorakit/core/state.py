@@ -73,17 +73,13 @@ def save_adapter(
     for name in names:
         config = registry(model).configs.get(name)
         if config is None:
-            raise KeyError(
-                f"no adapter named {name!r}; adapters here: {list(registry(model).configs)}"
-            )
+            raise KeyError(f"no adapter named {name!r}; adapters here: {list(registry(model).configs)}")
         folder = Path(out_dir) if name == "default" else Path(out_dir) / name
         deltas = list(adapter_deltas(model, name))
         peft_config = config.to_peft_dict()
         peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
         peft_config["exclude_modules"] = None
-        if any(
-            layer.weight_layout == "in_out" and not layer.is_embedding for _, layer, _ in deltas
-        ):
+        if any(layer.weight_layout == "in_out" and not layer.is_embedding for _, layer, _ in deltas):
             peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
         _write_folder(folder, adapter_tensors(model, name), peft_config)
         written.append(folder)
@@ -122,16 +118,12 @@ def read_adapter_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     try:
         config = json.loads(config_path.read_text())
     except FileNotFoundError:
-        raise AdapterLoadError(
-            f"{folder} has no {CONFIG_NAME}; an adapter folder needs both files"
-        ) from None
+        raise AdapterLoadError(f"{folder} has no {CONFIG_NAME}; an adapter folder needs both files") from None
     except json.JSONDecodeError as err:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {err}") from None
     try:
         tensors = load_file(str(weights))
-    except (
-        Exception
-    ) as err:  # safetensors raises its own error types for bad headers and truncation
+    except Exception as err:  # safetensors raises its own error types for bad headers and truncation
         raise AdapterLoadError(
             f"{weights} is not a readable safetensors file (corrupt or truncated?): {err}"
         ) from None

@@ -64,7 +64,7 @@ def candidates(model: nn.Module) -> dict[str, nn.Module]:
 
 def _linear_summary(model: nn.Module, limit: int = 12) -> str:
     leaves: list[str] = []
-    for name, module in sorted(candidates(model).items(), key=lambda kv: not is_linear(kv[1])):
+    for name, _ in sorted(candidates(model).items(), key=lambda kv: not is_linear(kv[1])):
         leaf = name.split(".")[-1]
         if leaf not in leaves:
             leaves.append(leaf)
@@ -72,9 +72,7 @@ def _linear_summary(model: nn.Module, limit: int = 12) -> str:
     return shown or "(none: the model has no nn.Linear, Conv1D or nn.Embedding)"
 
 
-def _select(
-    model: nn.Module, spec: TargetSpec, what: str, candidates: dict[str, nn.Module]
-) -> set[str]:
+def _select(model: nn.Module, spec: TargetSpec, what: str, candidates: dict[str, nn.Module]) -> set[str]:
     if spec is None:
         return set()
     if isinstance(spec, str):

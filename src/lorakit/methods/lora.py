@@ -163,9 +163,7 @@ class LoRADelta(Delta):
     roles: ClassVar[dict[str, Role]] = {"lora_A": Role.A, "lora_B": Role.B}
     peft_keys: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
-    def __init__(
-        self, layer: AdaptedLayer, rank: int, scale: float, dropout: float, init: str
-    ) -> None:
+    def __init__(self, layer: AdaptedLayer, rank: int, scale: float, dropout: float, init: str) -> None:
         super().__init__()
         device = layer.base_layer.weight.device
         self.rank, self.scale, self.init = rank, scale, init
@@ -242,9 +240,7 @@ class LoRAEmbeddingDelta(Delta):
         return (F.linear(h, self.lora_embedding_B) * self.scale).to(base_out.dtype)  # (..., dim)
 
     def delta_weight(self) -> Tensor:
-        return self.scale * (
-            self.lora_embedding_B.float() @ self.lora_embedding_A.float()
-        )  # (dim, num)
+        return self.scale * (self.lora_embedding_B.float() @ self.lora_embedding_A.float())  # (dim, num)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         return weight + self.delta_weight()
