@@ -92,7 +92,8 @@ def default_model_cache() -> Path:
     if _cache_is_complete(target):
         return target
     if target.exists():
-        warnings.warn(f"lorakit: the model cache {target} is incomplete or corrupt; rebuilding it")
+        msg = f"lorakit: the model cache {target} is incomplete or corrupt; rebuilding it"
+        warnings.warn(msg, stacklevel=2)
         _remove_dir(target)
     _build_cache(gguf, target)
     return target
@@ -107,7 +108,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
             "the tokenizer has neither a pad token nor an eos token; expected at least one of them "
             "so batches can be padded; set tokenizer.pad_token before using it with lorakit"
         )
-    warnings.warn(f"lorakit: the tokenizer has no pad token; using eos {tokenizer.eos_token!r}")
+    msg = f"lorakit: the tokenizer has no pad token; using eos {tokenizer.eos_token!r}"
+    warnings.warn(msg, stacklevel=2)
     tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -255,11 +257,13 @@ def tiny_llama(
     num_kv_heads: int = 2,
     intermediate_size: int = 64,
     bias: bool = False,
-    tie_word_embeddings: bool = True,
+    tie_word_embeddings: bool = False,
 ) -> LlamaForCausalLM:
     """A Llama (the default model's architecture) small enough to build in milliseconds.
 
     ``bias=True`` adds biases to every attention and MLP projection, so tests cover biased linears.
+    Embeddings are untied by default: a tiny random model with tied ones just repeats its last
+    input token, which makes generation tests vacuous.
     """
     config = LlamaConfig(
         vocab_size=vocab_size,

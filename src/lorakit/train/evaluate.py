@@ -1,0 +1,357 @@
+"""Evaluation for any causal LM (adapted, merged or fully fine-tuned): only torch and transformers.
+
+- ``generate_answers`` / ``exact_match``: greedy, batched task answers.
+- ``answer_nll``: held-out loss on the labelled (answer) tokens only.
+- ``text_nll``: loss on general English text, a cheap forgetting signal.
+- ``reference_next_token_logprobs`` + ``next_token_kl``: how far the tuned next-token distribution
+  moved from the base model's, measured against a reference taken before training.
+
+Everything runs under ``torch.inference_mode()``; ``autocast_dtype`` (e.g. ``torch.bfloat16``)
+turns on autocast for the forward passes, while losses are always reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+Messages = list[dict[str, str]]
+Sample = Mapping[str, Sequence[int]]
+Collate = Callable[[Sequence[Sample], int], Mapping[str, torch.Tensor]]
+IGNORE = -100
+
+
+class Item(Protocol):
+    """A held-out task example: chat messages to answer and the reference answer."""
+
+    prompt: Messages
+    answer: str
+
+
+# ----------------------------------------------------------------------------- task answers
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Greedy answers to chat prompts, decoded without special tokens and stripped.
+
+    Batches are left-padded (so every row's last prompt token sits at the same column) and built
+    from prompts sorted by length (less padding); the results equal one-by-one greedy decoding.
+    """
+    encoded = [_chat_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    eos = _eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    answers = [""] * len(encoded)
+    with torch.inference_mode(), _autocast(model, autocast_dtype):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            ids, mask = _left_pad([encoded[i] for i in rows], tokenizer.pad_token_id, _device(model))
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for i, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+                answers[i] = _decode_until(tokenizer, new, eos)
+    return answers
+
+
+def exact_match(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    score_fn: Callable[[str, str], bool],
+    n_examples: int = 5,
+    **generate_kw: Any,
+) -> dict[str, Any]:
+    """Accuracy of greedy answers under the caller's ``score_fn(prediction, reference)``.
+
+    ``generate_kw`` goes to ``generate_answers`` (max_new_tokens, batch_size, autocast_dtype).
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("exact_match got no items; expected at least one held-out example")
+    preds = generate_answers(model, tokenizer, [it.prompt for it in items], **generate_kw)
+    hits = [bool(score_fn(p, it.answer)) for p, it in zip(preds, items, strict=True)]
+    examples = [
+        {"prompt": it.prompt[-1]["content"], "prediction": p, "answer": it.answer, "correct": h}
+        for it, p, h in list(zip(items, preds, hits, strict=True))[:n_examples]
+    ]
+    correct = sum(hits)
+    return {"accuracy": correct / len(items), "n": len(items), "correct": correct, "examples": examples}
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def answer_nll(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    collate: Collate | None = None,
+    pad_id: int = 0,
+    batch_size: int = 16,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean NLL (nats/token) of the labelled tokens of already-encoded samples.
+
+    Samples hold ``input_ids`` and ``labels`` aligned with them (Hugging Face convention: the
+    model predicts ``labels[t]`` from tokens ``< t``; ``-100`` = not scored). ``collate(samples,
+    pad_id)`` must return tensors ``input_ids``, ``labels`` and optionally ``attention_mask``; the
+    default right-pads. Only positions that predict a label reach the output layer, so the
+    full-vocabulary logits of prompt tokens are never materialised.
+    """
+    collate = collate or right_pad_collate
+    order = sorted(samples, key=lambda s: len(s["input_ids"]))  # similar lengths per batch
+    total, count = 0.0, 0
+    with torch.inference_mode(), _autocast(model, autocast_dtype):
+        for start in range(0, len(order), batch_size):
+            batch = collate(order[start : start + batch_size], pad_id)
+            nll_sum, n = _labelled_nll_sum(model, batch)
+            total, count = total + nll_sum, count + n
+    if count == 0:
+        raise ValueError("answer_nll found no labelled tokens; expected labels other than -100")
+    return {"nll": total / count, "tokens": count}
+
+
+def _labelled_nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
+    device = _device(model)
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    targets = labels[:, 1:]  # (B, T-1): position t predicts labels[t + 1]
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # (K,) positions any row scores
+    if keep.numel() == 0:
+        return 0.0, 0
+    if _accepts(model, "logits_to_keep"):
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, keep]
+    targets = targets[:, keep]  # (B, K)
+    scored = targets != IGNORE
+    nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
+    return nll.item(), int(scored.sum())
+
+
+def text_nll(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_tokens: int = 8192,
+    block: int = 256,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean NLL and perplexity on the first ``max_tokens`` tokens of general text.
+
+    The texts are tokenized in order, joined by blank lines and cut into ``max_tokens // block``
+    full blocks of ``block`` tokens; in each block every token after the first is scored. A fixed
+    token budget keeps the cost fixed (seconds on a laptop CPU) whatever the corpus size.
+    """
+    blocks = _text_blocks(tokenizer, texts, max_tokens, block).to(_device(model))
+    total = 0.0
+    with torch.inference_mode(), _autocast(model, autocast_dtype):
+        for chunk in blocks.split(batch_size):
+            logits = model(input_ids=chunk).logits[:, :-1]  # (b, block-1, V)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
+            total += nll.item()
+    count = blocks.shape[0] * (block - 1)
+    return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def _text_blocks(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int, block: int
+) -> torch.Tensor:
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for text in texts:  # tokenize only as much text as the budget needs
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= max_tokens:
+            break
+    n_blocks = min(len(ids), max_tokens) // block
+    if n_blocks == 0:
+        raise ValueError(
+            f"text_nll got {len(ids)} tokens of text, fewer than one block of {block}; "
+            "pass more text or a smaller block"
+        )
+    return torch.tensor(ids[: n_blocks * block]).view(n_blocks, block)
+
+
+# ----------------------------------------------------------------------------- next-token KL
+
+
+@dataclass
+class NextTokenReference:
+    """The base model's next-token distributions at every position of some prompts.
+
+    Stored as the top-k log-probs plus the log of the remaining mass (k+1 buckets per position):
+    k=64 on a 49k vocabulary costs 0.5 KB per position instead of 98 KB of fp16 log-probs, and it
+    works for every method, including full fine-tuning, since it needs only the model's outputs.
+    """
+
+    input_ids: list[list[int]]  # the encoded prompts, to check the same tokens are scored later
+    top_ids: torch.Tensor  # (P, k) int64, P = all positions of all prompts, in order
+    top_logprobs: torch.Tensor  # (P, k) float32
+    rest_logprob: torch.Tensor  # (P,) float32, log of the mass outside the top k
+
+    @property
+    def covered_mass(self) -> float:
+        """Mean probability the top k hold; near 1 means the bucketed KL is close to the full one."""
+        return self.top_logprobs.exp().sum(1).mean().item()
+
+
+def reference_next_token_logprobs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str | Messages],
+    top_k: int = 64,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> NextTokenReference:
+    """Take the reference from the BASE model, before training changes it (or its adapters do)."""
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    tops, top_lps, rests = [], [], []
+    for logp in _position_logprobs(model, ids, tokenizer.pad_token_id, batch_size, autocast_dtype):
+        top_lp, top = logp.topk(top_k, dim=1)  # (n, k)
+        tops.append(top.cpu())
+        top_lps.append(top_lp.cpu())
+        rests.append(_rest_logprob(logp, top).cpu())
+    return NextTokenReference(ids, torch.cat(tops), torch.cat(top_lps), torch.cat(rests))
+
+
+def next_token_kl(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str | Messages],
+    reference: NextTokenReference,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """Mean over positions of KL(base || tuned), in nats, on the reference's k+1 buckets.
+
+    Direction: KL(base || tuned) is an expectation under the base distribution, so the top-k of
+    the base is exactly what it needs; it grows when the tuned model drops what the base predicted
+    (forgetting). Bucketing makes it a lower bound of the full KL, tight when ``covered_mass`` ~ 1.
+    """
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    if ids != reference.input_ids:
+        raise ValueError(
+            "next_token_kl got prompts that encode differently from the reference's; expected the "
+            "same prompts (and tokenizer) as reference_next_token_logprobs"
+        )
+    total, start = 0.0, 0
+    for logq in _position_logprobs(model, ids, tokenizer.pad_token_id, batch_size, autocast_dtype):
+        end = start + logq.shape[0]
+        top = reference.top_ids[start:end].to(logq.device)
+        logp = torch.cat([reference.top_logprobs[start:end], reference.rest_logprob[start:end, None]], 1)
+        logq = torch.cat([logq.gather(1, top), _rest_logprob(logq, top)[:, None]], 1)  # (n, k+1)
+        logp = logp.to(logq.device)
+        total += (logp.exp() * (logp - logq)).sum(1).clamp_min(0).sum().item()
+        start = end
+    return total / start
+
+
+def _position_logprobs(
+    model: nn.Module,
+    ids: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None,
+) -> Iterator[torch.Tensor]:
+    """Yields fp32 log-softmax rows (n, V) for every real (unpadded) position, batch by batch."""
+    with torch.inference_mode(), _autocast(model, autocast_dtype):
+        for start in range(0, len(ids), batch_size):
+            batch = [{"input_ids": x, "labels": x} for x in ids[start : start + batch_size]]
+            enc = right_pad_collate(batch, pad_id)
+            mask = enc["attention_mask"].to(_device(model))
+            logits = model(input_ids=enc["input_ids"].to(mask.device), attention_mask=mask).logits
+            yield logits[mask.bool()].float().log_softmax(-1)
+
+
+def _rest_logprob(logp: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    # logsumexp over the entries outside the top k (no 1 - sum cancellation when the rest is tiny)
+    return logp.scatter(1, top, float("-inf")).logsumexp(1)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def right_pad_collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; add the attention mask."""
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[row, :n] = torch.tensor(s["input_ids"])
+        labels[row, :n] = torch.tensor(s["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _left_pad(
+    seqs: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = torch.tensor(s)
+        mask[row, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _decode_until(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[int]) -> str:
+    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+
+
+def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's eos plus any the model's generation config adds (e.g. end-of-turn)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def _autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device(model).type, dtype=dtype)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    return arg in inspect.signature(model.forward).parameters
