@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .contract import AdaptedLayer, Delta, Role, TrainingHooks
@@ -125,19 +126,26 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
-    """Fold the active (or named) adapters into the base weights; all or nothing."""
+    """Fold the active (or named) adapters into the base weights; all or nothing.
+
+    Every merged weight is computed and checked before any is written, so a NaN/Inf anywhere
+    leaves the model bit-for-bit unchanged (subtracting a delta back would not be exact).
+    """
     names = list(adapter_names) if adapter_names is not None else list(registry(model).active)
-    done: list[tuple[AdaptedLayer, str]] = []
-    try:
-        for name in names:
-            _check_name(model, name)
-            for _, layer, _ in adapter_deltas(model, name):
-                layer.merge(name)
-                done.append((layer, name))
-    except Exception:
-        for layer, name in reversed(done):
-            layer.unmerge(name)
-        raise
+    for name in names:
+        _check_name(model, name)
+    for name in names:
+        for path, layer, delta in adapter_deltas(model, name):
+            if name in layer.merged:
+                raise RuntimeError(f"adapter {name!r} is already merged into {path}")
+            if not torch.isfinite(delta.merged_weight(layer.weight_out_in())).all():
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN or Inf into {path}; nothing was changed "
+                    "(check the adapter's weights for divergence)"
+                )
+    for name in names:
+        for _, layer, _ in adapter_deltas(model, name):
+            layer.merge(name)
 
 
 def unmerge(model: nn.Module) -> None:

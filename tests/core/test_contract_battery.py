@@ -1,0 +1,203 @@
+"""The contract every layer method must keep. A later method joins by adding one Case to CASES."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.core.contract import AdaptedLayer
+from lorakit.models import tiny_gpt2, tiny_llama
+
+
+class EmbedMLP(nn.Module):
+    """A plain torch model: an embedding and biased linear layers, no transformers involved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.up = nn.Linear(16, 24)
+        self.down = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(self.embed(ids)))))
+
+
+@dataclass
+class Case:
+    id: str
+    make_model: Callable[[], nn.Module]
+    make_config: Callable[[], Any]
+    init_atol: float = 1e-6  # PiSSA re-splits the weight, so "equals the base" is up to rounding
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+CASES = [
+    Case("lora-llama-bias", lambda: tiny_llama(bias=True), lambda: lk.LoRAConfig(rank=4, alpha=6)),
+    Case(
+        "lora-gpt2-conv1d-rslora",
+        tiny_gpt2,
+        lambda: lk.LoRAConfig(rank=4, alpha=3, use_rslora=True, init="gaussian"),
+    ),
+    Case(
+        "lora-plain-embedding",
+        EmbedMLP,
+        lambda: lk.LoRAConfig(rank=3, alpha=5, target_modules=["embed", "up", "down"]),
+    ),
+    Case(
+        "lora-pissa-llama",
+        lambda: tiny_llama(bias=True),
+        lambda: lk.LoRAConfig(rank=4, alpha=8, init="pissa"),
+        2e-5,
+    ),
+]
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.id)
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.param
+
+
+def _ids(model: nn.Module) -> torch.Tensor:
+    vocab = model.config.vocab_size if hasattr(model, "config") else 50
+    return torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _train_a_little(model: nn.Module) -> None:
+    """Move every trainable tensor so deltas are non-zero (as after training)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_output_equals_base_at_init(case: Case) -> None:
+    model = case.make_model().eval()
+    ids = _ids(model)
+    base = _logits(model, ids)
+    lk.apply(model, case.make_config())
+    torch.testing.assert_close(_logits(model, ids), base, atol=case.init_atol, rtol=0)
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_weights(case: Case) -> None:
+    model = case.make_model().eval()
+    ids = _ids(model)
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    unmerged = _logits(model, ids)
+    assert (unmerged - _logits_base(model, ids)).abs().max() > 1e-3, "the adapter should change the output"
+    lk.merge(model)
+    torch.testing.assert_close(_logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="already merged"):
+        lk.merge(model)
+    lk.unmerge(model)
+    for name, p in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(p.detach(), weights[name], atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="nothing to unmerge"):
+        lk.unmerge(model)
+
+
+def _logits_base(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with lk.disable_adapters(model):
+        return _logits(model, ids)
+
+
+def test_disabled_adapters_give_the_base_output(case: Case) -> None:
+    model = case.make_model().eval()
+    ids = _ids(model)
+    base = _logits(model, ids)
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    torch.testing.assert_close(_logits_base(model, ids), base, atol=case.init_atol, rtol=0)
+    lk.merge(model)
+    merged = _logits(model, ids)
+    torch.testing.assert_close(_logits_base(model, ids), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(model, ids), merged, atol=1e-5, rtol=0)  # merged back on exit
+
+
+def test_only_declared_parameters_get_gradients(case: Case) -> None:
+    model = case.make_model().train()
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    _logits(model, _ids(model)).square().mean().backward()
+    declared = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, lk.Delta)
+        for ps in m.role_parameters().values()
+        for p in ps
+    }
+    for name, p in model.named_parameters():
+        if id(p) in declared:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    groups = lk.param_groups(model, lr=1e-3)
+    assert {id(p) for g in groups for p in g["params"]} == declared
+    assert {g["role"] for g in groups} == {"A", "B"}
+
+
+def test_save_then_load_reproduces_outputs(case: Case, tmp_path) -> None:
+    model = case.make_model().eval()
+    ids = _ids(model)
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    expected = _logits(model, ids)
+    lk.save_adapter(model, tmp_path)
+    fresh = case.make_model().eval()
+    lk.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_unload_restores_the_original_model(case: Case) -> None:
+    model = case.make_model().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    lk.merge(model)
+    lk.unmerge(model)
+    plain = lk.unload(model)
+    assert not any(isinstance(m, (AdaptedLayer, lk.Delta)) for m in plain.modules())
+    assert plain.state_dict().keys() == original.keys()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, original[key], atol=1e-6, rtol=0)
+
+
+def test_merge_then_unload_keeps_the_adapter_folded_in(case: Case) -> None:
+    model = case.make_model().eval()
+    ids = _ids(model)
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    expected = _logits(model, ids)
+    plain = lk.merge_and_unload(model)
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    torch.testing.assert_close(_logits(plain, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_merge_refuses_nan_and_changes_nothing(case: Case) -> None:
+    model = case.make_model().eval()
+    lk.apply(model, case.make_config())
+    _train_a_little(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    last = [m for m in model.modules() if isinstance(m, lk.Delta)][-1]
+    with torch.no_grad():
+        next(iter(last.role_parameters()[lk.Role.B])).fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lk.merge(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) or key.endswith(("lora_B", "lora_embedding_B")), key
+    assert all(not m.merged for m in model.modules() if isinstance(m, AdaptedLayer))
