@@ -1,0 +1,112 @@
+"""Sample order, micro-batches and a default collate.
+
+The order is a seeded permutation per epoch, and the position in it is two integers (epoch, index):
+that is all a checkpoint needs to continue with exactly the samples an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lorakit.train.loss import IGNORE_INDEX
+
+Collate = Callable[[Sequence[Any], int], dict[str, Tensor]]
+
+
+def field_of(sample: Any, name: str) -> list[int]:
+    """Samples may be dicts or dataclasses; the trainer only reads input_ids and labels."""
+    return sample[name] if isinstance(sample, Mapping) else getattr(sample, name)
+
+
+def default_collate(samples: Sequence[Any], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad to the longest sample; padded labels are ignored by the loss."""
+    length = max(len(field_of(s, "input_ids")) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(field_of(sample, "input_ids"))
+        ids[row, :n] = torch.tensor(field_of(sample, "input_ids"), dtype=torch.long)
+        labels[row, :n] = torch.tensor(field_of(sample, "labels"), dtype=torch.long)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_token_count(labels: Tensor) -> int:
+    """Tokens that contribute to the loss: a label at position 0 has no prediction, so skip it."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class SampleOrder:
+    """An endless stream of sample indices: a fresh seeded permutation for every epoch."""
+
+    def __init__(self, num_samples: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch, self.index = epoch, index
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        # A string seed is hashed by Python itself: the same order on every platform and version.
+        order = list(range(self.num_samples))
+        random.Random(f"lorakit-data:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        """The next `count` indices; a batch that crosses an epoch end continues into the next."""
+        out: list[int] = []
+        while len(out) < count:
+            if self.index == self.num_samples:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            take = min(count - len(out), self.num_samples - self.index)
+            out.extend(self._perm[self.index : self.index + take])
+            self.index += take
+        return out
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def micro_batches(
+    samples: Sequence[Any],
+    indices: list[int],
+    micro_batch_size: int,
+    collate: Collate,
+    pad_id: int,
+) -> list[dict[str, Tensor]]:
+    """Split one optimizer batch; sorting by length first keeps padding inside each micro-batch low.
+
+    Sorting does not change the step's gradient: the loss is a sum over all tokens of the batch.
+    """
+    chosen = sorted(indices, key=lambda i: (len(field_of(samples[i], "input_ids")), i))
+    return [
+        collate([samples[i] for i in chosen[s : s + micro_batch_size]], pad_id)
+        for s in range(0, len(chosen), micro_batch_size)
+    ]
+
+
+def fingerprint(samples: Sequence[Any]) -> str:
+    """A hash of the token data, stored in checkpoints so resuming on other data is refused."""
+    digest = hashlib.sha256(str(len(samples)).encode())
+    for sample in samples:
+        digest.update(array("q", field_of(sample, "input_ids")).tobytes())
+        digest.update(array("q", field_of(sample, "labels")).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_has_loss_tokens(samples: Sequence[Any]) -> None:
+    for sample in samples:
+        if any(label != IGNORE_INDEX for label in field_of(sample, "labels")[1:]):
+            return
+    raise ValueError(
+        f"none of the {len(samples)} training samples has a label other than {IGNORE_INDEX} after "
+        "position 0, so there is nothing to learn; check the loss mask (assistant-only labels)"
+    )

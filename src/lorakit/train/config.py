@@ -1,0 +1,152 @@
+"""The training options, one dataclass that the CLI turns into --flags and YAML fills by key.
+
+Every field carries `metadata={"help": ...}` so the CLI can build its parser from the fields alone,
+and `from_dict` refuses unknown keys so a typo in a YAML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+# Options that change the numbers a run produces: a checkpoint written with other values cannot be
+# resumed into a run that equals an uninterrupted one. The others (where and how often to log,
+# micro-batching, activation checkpointing) may change between an interruption and its resume.
+TRAJECTORY_FIELDS: tuple[str, ...] = (
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "schedule",
+    "max_grad_norm",
+    "seed",
+    "precision",
+)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Options of one supervised fine-tuning run; defaults fit a short LoRA run on a CPU."""
+
+    steps: int = field(default=150, metadata=_help("number of optimizer steps to run"))
+    batch_size: int = field(
+        default=16, metadata=_help("samples per optimizer step (summed over micro-batches)")
+    )
+    micro_batch_size: int = field(
+        default=8,
+        metadata=_help("samples per forward/backward; batch_size / micro_batch_size = accumulation"),
+    )
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate (groups may set their own lr)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
+    warmup_ratio: float = field(
+        default=0.05, metadata=_help("fraction of the steps with a linear warm-up from ~0 to lr")
+    )
+    schedule: Schedule = field(
+        default="cosine", metadata=_help("decay after warm-up: cosine, linear or constant")
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=_help("clip the global gradient norm to this; 0 disables clipping")
+    )
+    seed: int = field(default=0, metadata=_help("seed of the data order and of dropout"))
+    precision: Precision = field(
+        default="auto",
+        metadata=_help("auto (bf16 autocast where the device has fast bf16), bf16 or fp32"),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute activations in backward to save memory")
+    )
+    checkpoint_every: int = field(
+        default=50, metadata=_help("save a resumable checkpoint every N steps; 0 = only at the end")
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata=_help("how many recent checkpoints to keep; 0 keeps all")
+    )
+    eval_every: int = field(
+        default=0, metadata=_help("call the evaluation every N steps; 0 = only at the end")
+    )
+    log_every: int = field(default=1, metadata=_help("write a log.jsonl line every N steps"))
+    loss_chunk_size: int = field(
+        default=1024, metadata=_help("loss-token rows per lm_head chunk (bounds logits memory)")
+    )
+    progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    output_dir: str = field(
+        default="runs/lorakit", metadata=_help("folder for log.jsonl, loss.png and checkpoints")
+    )
+    resume: bool = field(
+        default=False, metadata=_help("continue from the latest complete checkpoint in output_dir")
+    )
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        for name in ("steps", "batch_size", "micro_batch_size", "log_every", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)} must be >= 0 (0 disables it)")
+        if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
+            p.append(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size="
+                f"{self.micro_batch_size}; pick a micro_batch_size that divides it"
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            p.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            p.append(f"schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            p.append(f"precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        return p
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from YAML/CLI values; numbers written as strings ("1e-3" in YAML) are converted."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown TrainConfig option(s): {', '.join(unknown)}; valid options are: {', '.join(names)}"
+            )
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert the loose types YAML produces (1e-3 is a string in YAML 1.1, 1 is an int)."""
+    try:
+        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+        if hint is bool and isinstance(value, str):
+            return {"true": True, "false": False, "1": True, "0": False}[value.strip().lower()]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"TrainConfig option {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}"
+        ) from None
+    return value

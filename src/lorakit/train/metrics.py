@@ -1,0 +1,67 @@
+"""The run's record: one JSON line per logged step, and a loss curve drawn once at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class JsonlLog:
+    """Append-only log.jsonl; on resume the lines after the checkpoint are dropped, since the
+    resumed run writes those steps again."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [] if resume_step is None else read_log(path, up_to_step=resume_step)
+        with open(path, "w") as handle:
+            for record in kept:
+                handle.write(json.dumps(record) + "\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if up_to_step is None or record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> Path:
+    """Training loss per step, and eval loss where the log has it; Agg, no pyplot global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["task_loss"]) for r in records if "task_loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if _finite(r.get("eval_loss"))]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,93 @@
+"""AdamW, the warm-up + decay schedule, and the autocast precision decision."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.train.config import SCHEDULES, TrainConfig
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Warm-up length in steps; rounds up so a nonzero ratio always warms up at least one step."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr used by optimizer step `step` (0-based).
+
+    Warm-up is linear and starts at 1/warmup rather than 0, so no step is wasted at lr 0. Decay
+    runs over the remaining steps and would reach 0 one step after the last, so the last step
+    still learns a little.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)  # in [0, 1)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "the model has no trainable parameters (none has requires_grad=True); apply an adapter "
+            "or unfreeze some parameters before training"
+        )
+    return [{"params": params, "weight_decay": weight_decay}]
+
+
+def build_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch/device has one, else the foreach one."""
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # an older torch or a dtype the fused kernel refuses
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    factor = functools.partial(
+        lr_factor,
+        total_steps=config.steps,
+        warmup=warmup_steps(config.steps, config.warmup_ratio),
+        schedule=config.schedule,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for "bf16", None (plain fp32) for "fp32", and for "auto" bf16 only where it is fast."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or has_fast_bf16(device):
+        return torch.bfloat16
+    return None
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """bf16 matmuls are faster than fp32 only with native support (CUDA Ampere+, AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return False
+    flags = set(cpuinfo.read_text(errors="replace").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -1,0 +1,459 @@
+"""The SFT training loop: accumulation over a token-weighted loss, hooks, checkpoints, resume.
+
+The trainer knows nothing about adapters. It trains whatever has `requires_grad=True`, with the
+AdamW groups the caller passes (LoRA+ and friends plug in there), and calls the optional hook
+methods of `docs/architecture.md` (TrainingHooks). Hooks may also offer `state_dict()` /
+`load_state_dict(state)`; their states then travel in the checkpoints.
+
+The loss of an optimizer step is the mean over every loss token of the whole accumulated batch:
+each micro-batch backpropagates `sum of its token losses / tokens of the whole batch`, with the
+token count taken from the labels before the first backward. Averaging per-micro-batch means
+instead would weight a token of a short-answer micro-batch more than one of a long-answer one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.batching import (
+    Collate,
+    SampleOrder,
+    check_has_loss_tokens,
+    default_collate,
+    fingerprint,
+    loss_token_count,
+    micro_batches,
+)
+from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
+from lorakit.train.loss import chunked_causal_lm_loss
+from lorakit.train.metrics import JsonlLog, plot_loss, read_log
+from lorakit.train.optim import (
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    default_param_groups,
+)
+
+_logger = logging.getLogger("lorakit.train")
+EvalFn = Callable[[nn.Module], "float | dict[str, float]"]
+_RESERVED = {"step", "loss", "task_loss", "lr", "grad_norm", "tokens", "loss_tokens", "elapsed"}
+
+
+@dataclass
+class TrainResult:
+    """What a run did; `steps` counts optimizer steps, including those before a resume."""
+
+    steps: int
+    final_loss: float | None
+    skipped_batches: int
+    elapsed_s: float
+    tokens_per_s: float
+    log_path: Path
+    plot_path: Path
+    checkpoint_dir: Path | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    """The counters a checkpoint carries besides weights, optimizer and RNG."""
+
+    step: int = 0
+    skipped: int = 0
+    elapsed: float = 0.0
+    tokens: int = 0
+    last_loss: float | None = None
+
+
+class Trainer:
+    """Train `model` on `train_samples` (each with input_ids and labels; -100 = no loss)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_samples: Sequence[Any],
+        config: TrainConfig,
+        collate: Collate = default_collate,
+        pad_id: int = 0,
+        param_groups: list[dict] | None = None,
+        hooks: Sequence[Any] = (),
+        eval_fn: EvalFn | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        check_has_loss_tokens(train_samples)
+        self.model, self.samples, self.config = model, train_samples, config
+        self.collate, self.pad_id, self.hooks, self.eval_fn = collate, pad_id, list(hooks), eval_fn
+        self._say = log or _logger.info
+        self.device = next(model.parameters()).device
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.trainable = dict(iter_trainable(model))
+        groups = param_groups or default_param_groups(model, config.weight_decay)
+        self.group_names = _group_names(groups, self.trainable)
+        _check_master_dtype(self.trainable)
+        self.optimizer = build_optimizer(groups, config, self.device)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self._head_checked = False
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        progress, order = self._begin()
+        self._prepare_model()
+        log = JsonlLog(self.output_dir / "log.jsonl", progress.step if progress.step else None)
+        evals: list[dict[str, float]] = []
+        started = time.perf_counter() - progress.elapsed
+        bar = tqdm(
+            total=self.config.steps,
+            initial=progress.step,
+            disable=not self.config.progress_bar,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        with contextlib.closing(bar):
+            while progress.step < self.config.steps:
+                record = self._next_step(order, progress)
+                if record is None:
+                    continue
+                progress.elapsed = time.perf_counter() - started
+                self._after_step(record, progress, order, log, bar, evals)
+        self._call("on_train_end", self.config.steps)
+        return self._finish(progress, log, evals)
+
+    def _next_step(self, order: SampleOrder, progress: _Progress) -> dict[str, Any] | None:
+        """Run one optimizer step; None when the whole batch has no loss token (it is skipped)."""
+        batches = micro_batches(
+            self.samples,
+            order.take(self.config.batch_size),
+            self.config.micro_batch_size,
+            self.collate,
+            self.pad_id,
+        )
+        loss_tokens = sum(loss_token_count(b["labels"]) for b in batches)
+        if loss_tokens == 0:
+            progress.skipped += 1
+            return None
+        tick = time.perf_counter()
+        record = self._optimizer_step(batches, loss_tokens, progress.step)
+        seconds = time.perf_counter() - tick
+        record["tokens_per_s"] = record["tokens"] / max(seconds, 1e-9)
+        progress.step += 1
+        progress.tokens += record["tokens"]
+        progress.last_loss = record["loss"]
+        return record
+
+    def _optimizer_step(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> dict:
+        self._call("on_step_start", step)
+        task_loss = self._accumulate(batches, loss_tokens)
+        extras = self._extra_losses()
+        self._call("on_after_backward", step)
+        grad_norm = self._clip(step)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._call("on_step_end", step, self.config.steps)
+        return {
+            "step": step + 1,
+            "loss": task_loss + sum(extras.values()),
+            "task_loss": task_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "loss_tokens": loss_tokens,
+            **extras,
+        }
+
+    def _accumulate(self, batches: list[dict[str, Tensor]], loss_tokens: int) -> float:
+        """Backpropagate every micro-batch's share of the token-mean loss; return that mean."""
+        total = 0.0
+        for batch in batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():
+                loss_sum, count = chunked_causal_lm_loss(
+                    self.model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    chunk_size=self.config.loss_chunk_size,
+                    verify_head=not self._head_checked,
+                )
+            if count == 0:
+                continue  # no loss token in this micro-batch: nothing to backpropagate
+            self._head_checked = True
+            value = float(loss_sum.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(_nonfinite("the loss", value))
+            (loss_sum / loss_tokens).backward()
+            total += value
+        return total / loss_tokens
+
+    def _extra_losses(self) -> dict[str, float]:
+        """Add the hooks' regularisers once per optimizer step (not once per micro-batch)."""
+        terms: dict[str, Tensor] = {}
+        for hook in self.hooks:
+            fn = getattr(hook, "extra_losses", None)
+            for name, value in (fn(self.model) if fn else {}).items():
+                if name in terms or name in _RESERVED:
+                    raise ValueError(
+                        f"extra loss name {name!r} from {type(hook).__name__} is already used; "
+                        f"names must be unique and not one of {sorted(_RESERVED)}"
+                    )
+                terms[name] = value
+        total = sum(terms.values())
+        if isinstance(total, Tensor) and total.requires_grad:
+            total.backward()
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+    def _clip(self, step: int) -> float:
+        max_norm = self.config.max_grad_norm or math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), max_norm))
+        if not math.isfinite(norm):
+            raise FloatingPointError(_nonfinite(f"the gradient norm at step {step + 1}", norm))
+        return norm
+
+    def _after_step(
+        self,
+        record: dict[str, Any],
+        progress: _Progress,
+        order: SampleOrder,
+        log: JsonlLog,
+        bar: tqdm,
+        evals: list[dict[str, float]],
+    ) -> None:
+        step, cfg = progress.step, self.config
+        record["elapsed"] = progress.elapsed
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if self.eval_fn and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            evals.append(self._evaluate(step))
+            log.write(evals[-1])
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            self._save(progress, order)
+
+    def _finish(self, progress: _Progress, log: JsonlLog, evals: list) -> TrainResult:
+        plot = plot_loss(read_log(log.path), self.output_dir / "loss.png")
+        latest, _ = ckpt.latest_complete(self.checkpoint_root)
+        return TrainResult(
+            steps=progress.step,
+            final_loss=progress.last_loss,
+            skipped_batches=progress.skipped,
+            elapsed_s=progress.elapsed,
+            tokens_per_s=progress.tokens / max(progress.elapsed, 1e-9),
+            log_path=log.path,
+            plot_path=plot,
+            checkpoint_dir=latest,
+            evals=evals,
+        )
+
+    # ---- pieces --------------------------------------------------------------------------------
+
+    def _call(self, method: str, *args: Any) -> None:
+        for hook in self.hooks:
+            fn = getattr(hook, method, None)
+            if fn is not None:
+                fn(self.model, *args)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _prepare_model(self) -> None:
+        self.model.train()
+        if not self.config.gradient_checkpointing:
+            return
+        enable = getattr(self.model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise TypeError(
+                f"gradient_checkpointing=True needs a Hugging Face model with "
+                f"gradient_checkpointing_enable(); {type(self.model).__name__} has none. "
+                "Set gradient_checkpointing=False"
+            )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
+        frozen = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
+        if frozen and hasattr(self.model, "enable_input_require_grads"):
+            # with a frozen embedding no checkpointed block would see an input that needs grad
+            self.model.enable_input_require_grads()
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Run eval_fn without touching the training RNG streams, so evaluating changes nothing."""
+        python_rng = random.getstate()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=_cuda_devices()), torch.no_grad():
+                result = self.eval_fn(self.model)
+        finally:
+            random.setstate(python_rng)
+            self.model.train(was_training)
+        values = result if isinstance(result, dict) else {"loss": result}
+        record = {"step": step, **{f"eval_{k}": float(v) for k, v in values.items()}}
+        self._say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+        return record
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _begin(self) -> tuple[_Progress, SampleOrder]:
+        if self.config.resume:
+            folder, partial = ckpt.latest_complete(self.checkpoint_root)
+            for skipped in partial:
+                self._say(f"ignoring incomplete checkpoint {skipped} (its save was interrupted)")
+            if folder is not None:
+                return self._restore(folder)
+            self._say(f"resume=True but {self.checkpoint_root} has no checkpoint; starting fresh")
+        else:
+            existing = ckpt.list_checkpoints(self.checkpoint_root)
+            if existing:
+                raise FileExistsError(
+                    f"{self.checkpoint_root} already holds checkpoints (latest {existing[-1][1].name})"
+                    "; pass resume=True to continue that run, or choose another output_dir"
+                )
+        random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)  # dropout; seeds CUDA generators too
+        return _Progress(), SampleOrder(len(self.samples), self.config.seed)
+
+    def _save(self, progress: _Progress, order: SampleOrder) -> None:
+        state = {
+            "format": 1,
+            "step": progress.step,
+            "progress": vars(progress).copy(),
+            "position": order.position,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "config": self.config.to_dict(),
+            "data": fingerprint(self.samples),
+            "groups": self.group_names,
+            "hooks": [_hook_state(h) for h in self.hooks],
+        }
+        folder = ckpt.step_dir(self.checkpoint_root, progress.step)
+        ckpt.save_checkpoint(folder, {n: p.detach() for n, p in self.trainable.items()}, state)
+        ckpt.prune(self.checkpoint_root, self.config.keep_checkpoints)
+
+    def _restore(self, folder: Path) -> tuple[_Progress, SampleOrder]:
+        weights, state = ckpt.load_checkpoint(folder)
+        ckpt.check_compatible(weights, {n: p.detach() for n, p in self.trainable.items()}, folder)
+        self._check_same_run(state, folder)
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(weights[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
+            if hook_state is not None and hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(hook_state)
+        _set_rng_state(state["rng"])
+        self._say(f"resumed from {folder} at step {state['step']}")
+        order = SampleOrder(len(self.samples), self.config.seed, **state["position"])
+        return _Progress(**state["progress"]), order
+
+    def _check_same_run(self, state: dict[str, Any], folder: Path) -> None:
+        saved = state["config"]
+        diffs = [
+            f"{k}={saved.get(k)!r} there, {getattr(self.config, k)!r} here"
+            for k in TRAJECTORY_FIELDS
+            if saved.get(k) != getattr(self.config, k)
+        ]
+        if state["data"] != fingerprint(self.samples):
+            diffs.append("the training samples differ (token hash)")
+        if state["groups"] != self.group_names:
+            diffs.append("the optimizer parameter groups differ")
+        if len(state["hooks"]) != len(self.hooks):
+            diffs.append(f"{len(state['hooks'])} hooks there, {len(self.hooks)} here")
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} belongs to a different run: "
+                + "; ".join(diffs)
+                + ". Resume with the same settings, or start in a fresh output_dir"
+            )
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _group_names(groups: list[dict], trainable: dict[str, nn.Parameter]) -> list[list[str]]:
+    """Names of each group's parameters; every trainable parameter must be in exactly one group."""
+    name_of = {id(p): n for n, p in trainable.items()}
+    names: list[list[str]] = []
+    for group in groups:
+        params = list(group["params"])
+        group["params"] = params
+        unknown = [p for p in params if id(p) not in name_of]
+        if unknown:
+            raise ValueError(
+                f"a parameter group holds {len(unknown)} tensor(s) that are not trainable "
+                "parameters of the model (requires_grad=False, or from another model)"
+            )
+        names.append([name_of[id(p)] for p in params])
+    flat = [n for group in names for n in group]
+    missing = sorted(set(trainable) - set(flat))
+    twice = sorted({n for n in flat if flat.count(n) > 1})
+    if missing or twice:
+        raise ValueError(
+            f"param_groups must hold every trainable parameter exactly once; missing: "
+            f"{missing[:5]}, in several groups: {twice[:5]}"
+        )
+    return names
+
+
+def _check_master_dtype(trainable: dict[str, nn.Parameter]) -> None:
+    low = [f"{n} ({p.dtype})" for n, p in trainable.items() if p.dtype != torch.float32]
+    if low:
+        raise TypeError(
+            f"trainable parameters must be fp32 master weights (bf16 comes from autocast); got "
+            f"{', '.join(low[:5])}. Cast them with param.data = param.data.float() before training"
+        )
+
+
+def _nonfinite(what: str, value: float) -> str:
+    return (
+        f"{what} is {value}: training diverged. Lower lr, keep max_grad_norm > 0, or try "
+        "precision='fp32' to rule out bf16 overflow"
+    )
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _hook_state(hook: Any) -> Any:
+    fn = getattr(hook, "state_dict", None)
+    return fn() if callable(fn) else None
+
+
+def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters a checkpoint saves: `named_parameters()` with requires_grad."""
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
