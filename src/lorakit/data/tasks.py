@@ -1,0 +1,148 @@
+"""Default fine-tuning tasks, built at run time from installed packages (no data in the repo).
+
+``icd10-chapter``: given an ICD-10-CM diagnosis description, answer the title of its chapter
+("Diseases of the nervous system"). A semantic answer that a 135M model learns in a few hundred
+steps, scored by exact match. Built from the CDC tabular XML shipped in ``simple-icd-10-cm``:
+leaf codes whose description is unique (so the answer is determined by the question), chapters
+with too few codes dropped, the same number of examples per chapter.
+
+The held-out split is drawn with its own fixed seed, independent of the training seed and of
+``n_train_per_class``, so every run and every method is evaluated on the same examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import random
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.data.chat import Conversation
+
+ICD_QUESTION = (
+    "Which ICD-10-CM chapter does this diagnosis belong to? Answer with the chapter title only."
+    "\n\nDiagnosis: {description}"
+)
+MIN_CODES_PER_CHAPTER = 100
+"""Chapters with fewer usable codes are left out (chapter 22, "Codes for special purposes", has 3)."""
+
+_EVAL_SEED = "lorakit-icd10-chapter-heldout-v1"
+_CODE_RANGE = re.compile(r"\s*\([A-Z0-9]{3}(?:-[A-Z0-9]{3})?\)\s*$")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """A held-out question: the prompt messages (no answer) and the reference answer."""
+
+    messages: Conversation
+    reference: str
+
+
+@dataclass
+class Task:
+    """A training set of conversations and a held-out set scored with ``score_exact_match``."""
+
+    name: str
+    train: list[Conversation]
+    eval: list[EvalItem]
+    classes: list[str]
+
+
+def score_exact_match(prediction: str, reference: str) -> bool:
+    """Exact match after ignoring case, surrounding whitespace and one trailing period."""
+    return _normalise(prediction) == _normalise(reference)
+
+
+def _normalise(text: str) -> str:
+    text = text.strip().casefold()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def _icd_xml_path() -> Path:
+    spec = importlib.util.find_spec("simple_icd_10_cm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the icd10-chapter task reads its data from the 'simple-icd-10-cm' package, which is "
+            "not installed; run: pip install 'simple-icd-10-cm>=1.5'"
+        )
+    data_dir = Path(spec.submodule_search_locations[0]) / "data"
+    found = sorted(data_dir.glob("*tabular*.xml"))
+    if not found:
+        raise FileNotFoundError(
+            f"no ICD-10-CM tabular XML (*tabular*.xml) in {data_dir}; reinstall simple-icd-10-cm"
+        )
+    return found[0]
+
+
+@functools.lru_cache(maxsize=1)
+def icd10_chapters() -> dict[str, tuple[str, ...]]:
+    """Chapter title -> sorted leaf descriptions unique across the whole code set.
+
+    Parsed once per process (about half a second); every chapter is returned, including small
+    ones, so callers decide what to drop.
+    """
+    root = ET.parse(_icd_xml_path()).getroot()
+    leaves: dict[str, list[str]] = {}
+    for chapter in root.iter("chapter"):
+        title = _CODE_RANGE.sub("", " ".join((chapter.findtext("desc") or "").split()))
+        leaves[title] = [
+            " ".join((diag.findtext("desc") or "").split())
+            for diag in chapter.iter("diag")
+            if diag.find("diag") is None
+        ]
+    counts = Counter(desc for descs in leaves.values() for desc in descs)
+    return {title: tuple(sorted(d for d in descs if d and counts[d] == 1)) for title, descs in leaves.items()}
+
+
+def _question(description: str) -> Conversation:
+    return [{"role": "user", "content": ICD_QUESTION.format(description=description)}]
+
+
+def _icd10_chapter_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
+    chapters = {t: d for t, d in icd10_chapters().items() if len(d) >= MIN_CODES_PER_CHAPTER}
+    smallest = min(len(d) for d in chapters.values())
+    if n_train_per_class + n_eval_per_class > smallest:
+        raise ValueError(
+            f"n_train_per_class + n_eval_per_class = {n_train_per_class + n_eval_per_class}, "
+            f"but the smallest chapter has {smallest} usable codes; ask for at most {smallest} "
+            "per chapter in total"
+        )
+    train: list[Conversation] = []
+    held_out: list[EvalItem] = []
+    for title, descriptions in chapters.items():
+        shuffled = list(descriptions)
+        random.Random(f"{_EVAL_SEED}:{title}").shuffle(shuffled)
+        held = shuffled[:n_eval_per_class]
+        pool = shuffled[n_eval_per_class:]
+        held_out += [EvalItem(_question(d), title) for d in held]
+        picked = random.Random(f"{seed}:{title}").sample(pool, n_train_per_class)
+        train += [_question(d) + [{"role": "assistant", "content": title}] for d in picked]
+    random.Random(seed).shuffle(train)
+    random.Random(_EVAL_SEED).shuffle(held_out)
+    return Task("icd10-chapter", train, held_out, list(chapters))
+
+
+TASKS: dict[str, Callable[[int, int, int], Task]] = {"icd10-chapter": _icd10_chapter_task}
+"""Task name (as written in configs and on the command line) -> builder."""
+
+
+def load_task(
+    name: str = "icd10-chapter",
+    n_train_per_class: int = 72,
+    n_eval_per_class: int = 10,
+    seed: int = 0,
+) -> Task:
+    """Build a task by name; ``seed`` picks the training examples, never the held-out ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
+    if n_train_per_class < 0 or n_eval_per_class < 0:
+        raise ValueError(
+            f"n_train_per_class ({n_train_per_class}) and n_eval_per_class ({n_eval_per_class}) "
+            "must be non-negative"
+        )
+    return TASKS[name](n_train_per_class, n_eval_per_class, seed)

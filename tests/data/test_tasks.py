@@ -1,0 +1,102 @@
+"""The default ICD-10-CM chapter task: balanced, deterministic, with a fixed held-out split."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from lorakit.data import encode_chat, load_task, score_exact_match
+from lorakit.data.tasks import ICD_QUESTION, MIN_CODES_PER_CHAPTER, icd10_chapters
+
+
+def diagnosis(messages: list[dict[str, str]]) -> str:
+    return messages[0]["content"].split("Diagnosis: ", 1)[1]
+
+
+def test_parsing_is_fast_and_reads_all_chapters() -> None:
+    icd10_chapters.cache_clear()
+    started = time.perf_counter()
+    chapters = icd10_chapters()
+    assert time.perf_counter() - started < 3.0
+    assert len(chapters) == 22
+    assert "Diseases of the nervous system" in chapters
+    assert len(chapters["Codes for special purposes"]) < MIN_CODES_PER_CHAPTER
+
+
+def test_default_sizes_and_balance() -> None:
+    task = load_task()
+    assert task.name == "icd10-chapter"
+    assert len(task.classes) == 21
+    assert "Codes for special purposes" not in task.classes
+    assert len(task.train) == 72 * 21
+    assert len(task.eval) == 10 * 21
+    train_counts = Counter(conversation[1]["content"] for conversation in task.train)
+    assert set(train_counts.values()) == {72}
+    assert set(Counter(item.reference for item in task.eval).values()) == {10}
+
+
+def test_answers_are_chapter_titles_without_code_ranges() -> None:
+    task = load_task()
+    for conversation in task.train:
+        user, assistant = conversation
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert user["content"] == ICD_QUESTION.format(description=diagnosis(conversation))
+        assert assistant["content"] in task.classes
+    for title in task.classes:
+        assert "(" not in title and title == title.strip()
+    assert {item.reference for item in task.eval} == set(task.classes)
+    assert all(len(item.messages) == 1 and item.messages[0]["role"] == "user" for item in task.eval)
+
+
+def test_heldout_is_disjoint_from_train_and_fixed_across_seeds_and_sizes() -> None:
+    base = load_task()
+    assert base.train == load_task().train
+    other = load_task(seed=1)
+    smaller = load_task(n_train_per_class=5)
+    held = {diagnosis(item.messages) for item in base.eval}
+    assert len(held) == len(base.eval)
+    for task in (base, other, smaller):
+        assert task.eval == base.eval
+        assert not held & {diagnosis(c) for c in task.train}
+    assert other.train != base.train
+    assert len(smaller.train) == 5 * 21
+
+
+def test_diagnoses_determine_their_chapter() -> None:
+    chapter_of: dict[str, set[str]] = {}
+    for title, descriptions in icd10_chapters().items():
+        for description in descriptions:
+            chapter_of.setdefault(description, set()).add(title)
+    assert all(len(titles) == 1 for titles in chapter_of.values())
+
+
+def test_bad_requests_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown task 'icd9'; available tasks: icd10-chapter"):
+        load_task("icd9")
+    with pytest.raises(ValueError, match="smallest chapter has"):
+        load_task(n_train_per_class=10_000)
+    with pytest.raises(ValueError, match="non-negative"):
+        load_task(n_eval_per_class=-1)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("Diseases of the nervous system", True),
+        ("  diseases of the Nervous System.\n", True),
+        ("Diseases of the nervous system..", False),
+        ("Diseases of the nervous", False),
+        ("The answer is Diseases of the nervous system", False),
+    ],
+)
+def test_score_exact_match(prediction: str, expected: bool) -> None:
+    assert score_exact_match(prediction, "Diseases of the nervous system") is expected
+
+
+def test_examples_are_short_for_the_default_tokenizer(smol_tokenizer: Any) -> None:
+    task = load_task(n_train_per_class=4)
+    lengths = [len(encode_chat(smol_tokenizer, c, max_length=512).input_ids) for c in task.train]
+    assert 50 < sum(lengths) / len(lengths) < 100
