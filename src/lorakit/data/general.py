@@ -1,0 +1,97 @@
+"""General English text for measuring forgetting.
+
+The source is the Python documentation's topic help that ships in the standard library
+(``pydoc_data.topics``: 79 topics, about 460k characters), so it is always available offline and
+identical for everyone using the same Python. None of it is in any lorakit training set (the
+default task is medical classification), so it is held out from every run: a rise in its
+negative log-likelihood, or a next-token KL from the base model on its prompts, measures what
+fine-tuning forgot. Users who train on Python documentation should pick another held-out text.
+"""
+
+from __future__ import annotations
+
+import re
+from pydoc_data.topics import topics
+
+_HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
+
+
+def _paragraphs() -> list[str]:
+    """Every paragraph of every topic, topics in sorted order, RST heading rules removed."""
+    paragraphs: list[str] = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            lines = [line for line in block.splitlines() if not _HEADING_RULE.match(line.strip())]
+            text = "\n".join(lines).strip("\n")
+            if text.strip():
+                paragraphs.append(text)
+    return paragraphs
+
+
+def general_texts(chunk_chars: int = 2000) -> list[str]:
+    """Deterministic chunks of the held-out text, each at most about ``chunk_chars`` characters.
+
+    Chunks are whole paragraphs joined by blank lines (a longer paragraph is split between
+    lines), so every chunk starts at a natural boundary rather than mid-word.
+    """
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be positive, got {chunk_chars}")
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for piece in _pieces(chunk_chars):
+        if current and size + len(piece) > chunk_chars:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece) + 2
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def _pieces(chunk_chars: int) -> list[str]:
+    """Paragraphs, with any paragraph longer than ``chunk_chars`` cut into runs of whole lines."""
+    pieces: list[str] = []
+    for paragraph in _paragraphs():
+        if len(paragraph) <= chunk_chars:
+            pieces.append(paragraph)
+            continue
+        run: list[str] = []
+        for line in paragraph.splitlines():
+            if run and sum(len(x) + 1 for x in run) + len(line) > chunk_chars:
+                pieces.append("\n".join(run))
+                run = []
+            run.append(line)
+        pieces.append("\n".join(run))
+    return pieces
+
+
+def _is_prose(paragraph: str) -> bool:
+    """A plain-English paragraph: not indented code or grammar, long enough to be a context."""
+    return (
+        len(paragraph) >= 120
+        and not paragraph[0].isspace()
+        and "::=" not in paragraph
+        and ">>>" not in paragraph
+    )
+
+
+def general_prompts(n: int, max_chars: int = 200) -> list[str]:
+    """``n`` short prose prompts spread evenly over all topics, for a next-token KL measure.
+
+    Each is the start of a prose paragraph, cut at a word boundary to at most ``max_chars``.
+    """
+    prose = [" ".join(p.split()) for p in _paragraphs() if _is_prose(p)]
+    if not 0 < n <= len(prose):
+        raise ValueError(f"n must be between 1 and {len(prose)} (prose paragraphs available), got {n}")
+    step = len(prose) / n
+    picked = [prose[int(i * step)] for i in range(n)]
+    return [_cut_at_word(p, max_chars) for p in picked]
+
+
+def _cut_at_word(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    return cut[: cut.rfind(" ")] if " " in cut else cut
