@@ -25,16 +25,29 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
-Sample = Mapping[str, Sequence[int]]
-Collate = Callable[[Sequence[Sample], int], Mapping[str, torch.Tensor]]
 IGNORE = -100
 
 
-class Item(Protocol):
-    """A held-out task example: chat messages to answer and the reference answer."""
+class EncodedLike(Protocol):
+    """An encoded sample as an object (lorakit.data's ``Encoded``); a mapping works too."""
 
-    prompt: Messages
-    answer: str
+    input_ids: Sequence[int]
+    labels: Sequence[int]
+
+
+Sample = Mapping[str, Sequence[int]] | EncodedLike
+Collate = Callable[[Sequence[Sample], int], Mapping[str, torch.Tensor]]
+
+
+class Item(Protocol):
+    """A held-out task example: chat messages to answer and the reference answer.
+
+    lorakit.data's ``EvalItem`` names them ``messages`` / ``reference``; objects with
+    ``prompt`` / ``answer`` are accepted too.
+    """
+
+    messages: Messages
+    reference: str
 
 
 # ----------------------------------------------------------------------------- task answers
@@ -88,11 +101,12 @@ def exact_match(
     items = list(items)
     if not items:
         raise ValueError("exact_match got no items; expected at least one held-out example")
-    preds = generate_answers(model, tokenizer, [it.prompt for it in items], **generate_kw)
-    hits = [bool(score_fn(p, it.answer)) for p, it in zip(preds, items, strict=True)]
+    pairs = [_item_fields(it) for it in items]
+    preds = generate_answers(model, tokenizer, [m for m, _ in pairs], **generate_kw)
+    hits = [bool(score_fn(p, ref)) for p, (_, ref) in zip(preds, pairs, strict=True)]
     examples = [
-        {"prompt": it.prompt[-1]["content"], "prediction": p, "answer": it.answer, "correct": h}
-        for it, p, h in list(zip(items, preds, hits, strict=True))[:n_examples]
+        {"prompt": m[-1]["content"], "prediction": p, "answer": ref, "correct": h}
+        for (m, ref), p, h in list(zip(pairs, preds, hits, strict=True))[:n_examples]
     ]
     correct = sum(hits)
     return {"accuracy": correct / len(items), "n": len(items), "correct": correct, "examples": examples}
@@ -111,14 +125,14 @@ def answer_nll(
 ) -> dict[str, float]:
     """Mean NLL (nats/token) of the labelled tokens of already-encoded samples.
 
-    Samples hold ``input_ids`` and ``labels`` aligned with them (Hugging Face convention: the
+    Samples (mappings, or objects like lorakit.data's ``Encoded``) hold ``input_ids`` and ``labels`` aligned with them (Hugging Face convention: the
     model predicts ``labels[t]`` from tokens ``< t``; ``-100`` = not scored). ``collate(samples,
     pad_id)`` must return tensors ``input_ids``, ``labels`` and optionally ``attention_mask``; the
     default right-pads. Only positions that predict a label reach the output layer, so the
     full-vocabulary logits of prompt tokens are never materialised.
     """
     collate = collate or right_pad_collate
-    order = sorted(samples, key=lambda s: len(s["input_ids"]))  # similar lengths per batch
+    order = sorted(samples, key=lambda s: len(_field(s, "input_ids")))  # similar lengths per batch
     total, count = 0.0, 0
     with torch.inference_mode(), _autocast(model, autocast_dtype):
         for start in range(0, len(order), batch_size):
@@ -228,7 +242,7 @@ def reference_next_token_logprobs(
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     tops, top_lps, rests = [], [], []
     for logp in _position_logprobs(model, ids, tokenizer.pad_token_id, batch_size, autocast_dtype):
-        top_lp, top = logp.topk(top_k, dim=1)  # (n, k)
+        top_lp, top = logp.topk(min(top_k, logp.shape[1]), dim=1)  # (n, k)
         tops.append(top.cpu())
         top_lps.append(top_lp.cpu())
         rests.append(_rest_logprob(logp, top).cpu())
@@ -262,7 +276,9 @@ def next_token_kl(
         logp = torch.cat([reference.top_logprobs[start:end], reference.rest_logprob[start:end, None]], 1)
         logq = torch.cat([logq.gather(1, top), _rest_logprob(logq, top)[:, None]], 1)  # (n, k+1)
         logp = logp.to(logq.device)
-        total += (logp.exp() * (logp - logq)).sum(1).clamp_min(0).sum().item()
+        p = logp.exp()
+        terms = torch.where(p > 0, p * (logp - logq), 0.0)  # 0 log 0 = 0 (an empty rest bucket)
+        total += terms.sum(1).clamp_min(0).sum().item()
         start = end
     return total / start
 
@@ -294,16 +310,26 @@ def _rest_logprob(logp: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 def right_pad_collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; add the attention mask."""
-    width = max(len(s["input_ids"]) for s in samples)
+    seqs = [(_field(s, "input_ids"), _field(s, "labels")) for s in samples]
+    width = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[row, :n] = torch.tensor(s["input_ids"])
-        labels[row, :n] = torch.tensor(s["labels"])
-        mask[row, :n] = 1
+    for row, (seq, lab) in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(seq)] = torch.tensor(lab)
+        mask[row, : len(seq)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _field(sample: Sample, name: str) -> Sequence[int]:
+    return sample[name] if isinstance(sample, Mapping) else getattr(sample, name)
+
+
+def _item_fields(item: object) -> tuple[Messages, str]:
+    if hasattr(item, "messages"):
+        return item.messages, item.reference
+    return item.prompt, item.answer
 
 
 def _left_pad(
