@@ -277,21 +277,8 @@ class Trainer:
 
     def _prepare_model(self) -> None:
         self.model.train()
-        if not self.config.gradient_checkpointing:
-            return
-        enable = getattr(self.model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise TypeError(
-                f"gradient_checkpointing=True needs a Hugging Face model with "
-                f"gradient_checkpointing_enable(); {type(self.model).__name__} has none. "
-                "Set gradient_checkpointing=False"
-            )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
-        frozen = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
-        if frozen and hasattr(self.model, "enable_input_require_grads"):
-            # with a frozen embedding no checkpointed block would see an input that needs grad
-            self.model.enable_input_require_grads()
+        if self.config.gradient_checkpointing:
+            _enable_activation_checkpointing(self.model)
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """Run eval_fn without touching the training RNG streams, so evaluating changes nothing."""
@@ -421,6 +408,26 @@ def _check_master_dtype(trainable: dict[str, nn.Parameter]) -> None:
             f"trainable parameters must be fp32 master weights (bf16 comes from autocast); got "
             f"{', '.join(low[:5])}. Cast them with param.data = param.data.float() before training"
         )
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing per decoder layer (transformers 5 name first, then the old one)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise TypeError(
+            "gradient_checkpointing=True needs a Hugging Face model with "
+            f"activation_checkpointing_enable(); {type(model).__name__} has none. "
+            "Set gradient_checkpointing=False"
+        )
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    frozen = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
+    if frozen and hasattr(model, "enable_input_require_grads"):
+        # with a frozen embedding, a reentrant checkpoint would see no input that needs grad
+        model.enable_input_require_grads()
 
 
 def _nonfinite(what: str, value: float) -> str:
