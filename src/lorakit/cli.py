@@ -1,0 +1,233 @@
+"""`lorakit train | eval | merge | chat | data | bench`: each subcommand only calls library code.
+
+Every training option is a field of `RunConfig` or `TrainConfig`; the parser is built from those
+fields, so each flag is also a YAML key (`--config run.yaml`), and flags given on the command line
+override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RUN_GROUPS = ("RunConfig", "TrainConfig")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        base = (
+            next((t for t in typing.get_args(kind) if t is not type(None)), kind) if choices is None else str
+        )
+        convert = base if base in (int, float) else str
+        group.add_argument(flag, dest=f.name, type=convert, choices=choices, default=None, help=help_text)
+
+
+def _options(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
+    """YAML file values, then the flags the user actually gave (None = not given)."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"error: {args.config} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return values
+
+
+def _run_fields() -> list[str]:
+    from .run import RunConfig
+    from .train import TrainConfig
+
+    return [f.name for cls in (RunConfig, TrainConfig) for f in dataclasses.fields(cls)]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .run import split_options, train_run
+
+    run, train = split_options(_options(args, _run_fields()))
+    train_run(run, train)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from . import api
+    from .run import api_load, build_data, evaluate, format_table, split_options
+    from .train import evaluate as ev
+
+    run, train = split_options(_options(args, _run_fields()))
+    model, tokenizer = api_load(run.model)
+    _, data = build_data(run, tokenizer, train.seed)
+    reference = ev.reference_next_token_logprobs(model, tokenizer, data.prompts) if args.adapter else None
+    base = None
+    if args.adapter:
+        base = evaluate(model, tokenizer, data, run) if args.compare_base else None
+        api.load_adapter(model, args.adapter, trainable=False)
+    result = evaluate(model, tokenizer, data, run, reference)
+    print(format_table(base, result))
+    if args.json:
+        print(json.dumps({"base": base, "model": result}, indent=2))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from . import api
+    from .generate import export_merged
+    from .run import api_load
+
+    model, tokenizer = api_load(args.model)
+    api.load_adapter(model, args.adapter, trainable=False)
+    plain = api.merge_and_unload(model)
+    out = export_merged(plain, tokenizer, args.out)
+    print(
+        f"wrote a plain Hugging Face model folder to {out} (load it with AutoModelForCausalLM.from_pretrained)"
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from . import api
+    from .generate import chat_repl
+    from .run import api_load
+
+    model, tokenizer = api_load(args.model)
+    if args.adapter:
+        api.load_adapter(model, args.adapter, trainable=False)
+        if args.merge:
+            api.merge(model)
+    print("lorakit chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
+    chat_repl(model, tokenizer, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data import load_task, read_examples, render_mask
+    from .data.chat import encode_chat
+    from .run import api_load
+
+    _, tokenizer = api_load(args.model)
+    conversations = read_examples(args.data) if args.data else load_task(args.task).train
+    for conversation in conversations[: args.show]:
+        encoded = encode_chat(tokenizer, conversation, args.max_length, last_turn_only=args.last_turn_only)
+        if encoded is None:
+            print("(skipped: no answer token left after truncation)\n")
+            continue
+        print(render_mask(tokenizer, encoded, color=sys.stdout.isatty()))
+        print(f"-- {encoded.num_loss_tokens} trained tokens of {len(encoded.input_ids)}\n")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(
+        suite=args.suite,
+        vs_peft=args.vs_peft,
+        model=args.model,
+        out_dir=args.out,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .run import RunConfig
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning, measured.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], None], help_text: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    for name, func, text in (
+        (
+            "train",
+            cmd_train,
+            "fine-tune (default: LoRA on SmolLM2-135M-Instruct, ICD-10-CM task) and evaluate before/after",
+        ),
+        ("eval", cmd_eval, "evaluate a model (and an adapter) on the task and for forgetting"),
+    ):
+        p = command(name, func, text)
+        p.add_argument(
+            "--config", help="YAML file of options (the same names as the flags); flags override it"
+        )
+        _add_dataclass_flags(p, RunConfig, "run")
+        _add_dataclass_flags(p, TrainConfig, "training")
+        if name == "eval":
+            p.add_argument(
+                "--adapter", help="adapter folder (lorakit or PEFT) to evaluate on top of the model"
+            )
+            p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
+            p.add_argument("--json", action="store_true", help="print the full results as JSON")
+
+    p = command(
+        "merge", cmd_merge, "merge an adapter into its base and write a plain Hugging Face model folder"
+    )
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
+
+    p = command("chat", cmd_chat, "chat with the model (and an adapter), streaming tokens")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument(
+        "--merge", action=argparse.BooleanOptionalAction, default=True, help="merge the adapter for speed"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+    p = command("data", cmd_data, "show how samples are formatted and which tokens train")
+    p.add_argument("--show", type=int, default=3, help="how many samples to render")
+    p.add_argument("--data", default=None, help="JSONL file (default: the built-in task)")
+    p.add_argument("--task", default="icd10-chapter")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--last-turn-only", action="store_true")
+
+    p = command("bench", cmd_bench, "benchmark speed and memory against Hugging Face PEFT in the same run")
+    p.add_argument("--suite", choices=("infer", "train", "all"), default="infer")
+    p.add_argument(
+        "--vs-peft", action=argparse.BooleanOptionalAction, default=True, help="run PEFT's cases too"
+    )
+    p.add_argument("--model", default=None, help='model folder, or "tiny" for a seconds-long smoke run')
+    p.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown results")
+    p.add_argument("--steps", type=int, default=5, help="timed iterations per case (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per case")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""End-to-end runs behind the command line: train (with before/after evaluation), eval, merge.
+
+This is the one module besides `cli` that imports every part: model loading, data, a method from
+the table in `lorakit.methods`, the trainer, and evaluation. Every option is a field of `RunConfig`
+(or of `TrainConfig`), so the CLI flags and the YAML keys are the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import api
+from .core.contract import NotMergeableError
+from .data import (
+    EvalItem,
+    build_sft_dataset,
+    collate,
+    general_prompts,
+    general_texts,
+    load_task,
+    read_examples,
+    score_exact_match,
+)
+from .methods import METHODS
+from .train import TrainConfig, Trainer
+from .train import evaluate as ev
+from .train.optim import autocast_dtype
+
+log = logging.getLogger("lorakit")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class RunConfig:
+    """What to fine-tune, with which method, on which data, and how to evaluate it."""
+
+    model: str | None = field(
+        default=None, metadata=_help("local Hugging Face model folder; default: SmolLM2-135M-Instruct")
+    )
+    method: str = field(default="lora", metadata=_help("the PEFT method: " + ", ".join(METHODS)))
+    rank: int = field(default=16, metadata=_help("LoRA rank r"))
+    alpha: float = field(
+        default=32.0,
+        metadata=_help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)"),
+    )
+    dropout: float = field(default=0.0, metadata=_help("dropout on the adapter input"))
+    target_modules: str = field(
+        default="all-linear",
+        metadata=_help('"all-linear", a full-match regex, or comma-separated module names'),
+    )
+    exclude_modules: str | None = field(
+        default=None, metadata=_help("modules to leave alone (same forms as target_modules)")
+    )
+    init: str = field(
+        default="kaiming", metadata=_help("adapter init: kaiming (as PEFT), gaussian, or pissa")
+    )
+    use_rslora: bool = field(
+        default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r")
+    )
+    task: str = field(
+        default="icd10-chapter", metadata=_help("built-in task (real data from installed packages)")
+    )
+    data: str | None = field(
+        default=None,
+        metadata=_help(
+            "JSONL training data ({'messages': [...]} or prompt/completion); replaces the task's training set"
+        ),
+    )
+    eval_data: str | None = field(
+        default=None, metadata=_help("JSONL held-out data; the last assistant turn is the reference answer")
+    )
+    max_length: int = field(
+        default=256,
+        metadata=_help(
+            "truncate samples to this many tokens (samples left without an answer are skipped and counted)"
+        ),
+    )
+    last_turn_only: bool = field(default=False, metadata=_help("train on the last assistant turn only"))
+    eval_max_new_tokens: int = field(
+        default=24, metadata=_help("greedy tokens generated per held-out question")
+    )
+    eval_limit: int = field(default=0, metadata=_help("score only the first N held-out items (0 = all)"))
+    general_tokens: int = field(
+        default=8192, metadata=_help("tokens of general English text (pydoc_data) for the forgetting NLL")
+    )
+    kl_prompts: int = field(
+        default=16, metadata=_help("general prompts for the next-token KL against the base model")
+    )
+    skip_eval: bool = field(default=False, metadata=_help("train only; no before/after evaluation"))
+
+
+def method_config(cfg: RunConfig) -> Any:
+    """The method's config object, built from the run options it understands."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+    config_cls = METHODS[cfg.method]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "init": cfg.init,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": _targets(cfg.target_modules),
+        "exclude_modules": _targets(cfg.exclude_modules),
+    }
+    return config_cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _targets(spec: str | list[str] | None) -> str | list[str] | None:
+    """ "all-linear" and regexes stay strings; "q_proj,v_proj" becomes a list of names."""
+    if spec is None or isinstance(spec, list) or spec == "all-linear":
+        return spec
+    if "," in spec or spec.isidentifier():
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    return spec
+
+
+@dataclass
+class EvalData:
+    items: list[EvalItem]
+    answer_samples: list[Any]
+    texts: list[str]
+    prompts: list[str]
+
+
+def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, EvalData]:
+    task = load_task(cfg.task, seed=seed) if cfg.data is None or cfg.eval_data is None else None
+    train_convs = read_examples(cfg.data) if cfg.data else task.train
+    items = _eval_items(cfg.eval_data) if cfg.eval_data else task.eval
+    items = items[: cfg.eval_limit] if cfg.eval_limit else items
+    train = build_sft_dataset(tokenizer, train_convs, cfg.max_length, cfg.last_turn_only)
+    answers = build_sft_dataset(
+        tokenizer,
+        [[*it.messages, {"role": "assistant", "content": it.reference}] for it in items],
+        cfg.max_length,
+    )
+    if train.skipped:
+        log.warning(
+            "skipped %d training sample(s) whose answer was truncated away (max_length=%d)",
+            train.skipped,
+            cfg.max_length,
+        )
+    return train, EvalData(items, answers.samples, general_texts(), general_prompts(cfg.kl_prompts))
+
+
+def _eval_items(path: str) -> list[EvalItem]:
+    items = []
+    for conv in read_examples(path):
+        if conv[-1]["role"] != "assistant":
+            raise ValueError(
+                f"{path}: every held-out conversation must end with the reference assistant turn"
+            )
+        items.append(EvalItem(messages=conv[:-1], reference=conv[-1]["content"]))
+    return items
+
+
+def evaluate(
+    model: nn.Module, tokenizer: Any, data: EvalData, cfg: RunConfig, reference: Any = None
+) -> dict[str, Any]:
+    """Task score and forgetting of `model` as it is now."""
+    amp = autocast_dtype("auto", next(model.parameters()).device)
+    started = time.perf_counter()
+    match = ev.exact_match(
+        model,
+        tokenizer,
+        data.items,
+        score_exact_match,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        autocast_dtype=amp,
+    )
+    out: dict[str, Any] = {
+        "exact_match": match["accuracy"],
+        "correct": match["correct"],
+        "n": match["n"],
+        "answer_nll": ev.answer_nll(
+            model, data.answer_samples, collate, tokenizer.pad_token_id, autocast_dtype=amp
+        )["nll"],
+        "general_nll": ev.text_nll(
+            model, tokenizer, data.texts, max_tokens=cfg.general_tokens, autocast_dtype=amp
+        )["nll"],
+    }
+    out["general_ppl"] = float(torch.tensor(out["general_nll"]).exp())
+    if reference is not None:
+        out["kl_from_base"] = ev.next_token_kl(model, tokenizer, data.prompts, reference, autocast_dtype=amp)
+    out["examples"] = match["examples"]
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def evaluate_merged(
+    model: nn.Module, tokenizer: Any, data: EvalData, cfg: RunConfig, reference: Any
+) -> dict[str, Any]:
+    """Evaluate with the adapter merged where the method allows it (generation at base speed);
+    merging is exact to fp32 rounding, and the model is unmerged again afterwards."""
+    try:
+        api.merge(model)
+    except NotMergeableError:
+        return evaluate(model, tokenizer, data, cfg, reference)
+    try:
+        return evaluate(model, tokenizer, data, cfg, reference)
+    finally:
+        api.unmerge(model)
+
+
+def split_options(values: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
+    """One flat dict of options (YAML + flags) -> the two configs; unknown keys are an error."""
+    run_names = {f.name for f in dataclasses.fields(RunConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - run_names - train_names)
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}; see `lorakit train --help`")
+    hints = typing.get_type_hints(RunConfig)
+    run = RunConfig(**{k: _coerce(v, hints[k]) for k, v in values.items() if k in run_names})
+    return run, TrainConfig.from_dict({k: v for k, v in values.items() if k in train_names})
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if hint in (float, int) and isinstance(value, str):
+        return hint(value)
+    return value
+
+
+def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[str, Any]:
+    """Fine-tune, evaluate before and after, write the adapter, metrics.json and the loss plot."""
+    torch.manual_seed(train_cfg.seed)
+    out_dir = Path(train_cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model, tokenizer = api_load(cfg.model)
+    train, data = build_data(cfg, tokenizer, train_cfg.seed)
+    say(
+        f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
+    )
+    before, reference = _before(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
+    api.apply(model, method_config(cfg))
+    say(api.summary(model))
+    trainer = Trainer(
+        model,
+        train.samples,
+        train_cfg,
+        collate,
+        tokenizer.pad_token_id,
+        param_groups=api.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
+        hooks=api.training_hooks(model),
+        log=say,
+    )
+    result = trainer.train()
+    adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]
+    after = None if cfg.skip_eval else evaluate_merged(model, tokenizer, data, cfg, reference)
+    metrics = _metrics(
+        cfg, train_cfg, before, after, result, train, model, adapter_dir, time.perf_counter() - started
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    say(format_table(before, after))
+    say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
+    return metrics
+
+
+def api_load(path: str | None) -> tuple[nn.Module, Any]:
+    from .models import load_model
+
+    return load_model(path)
+
+
+def _before(model, tokenizer, data, cfg, out_dir, resume, say) -> tuple[dict | None, Any]:
+    """Base-model metrics and the KL reference; on resume they are read back, not recomputed."""
+    if cfg.skip_eval:
+        return None, None
+    cached = out_dir / "metrics_before.json"
+    say("evaluating the base model (task score, general-text NLL, KL reference)...")
+    reference = ev.reference_next_token_logprobs(
+        model, tokenizer, data.prompts, autocast_dtype=autocast_dtype("auto", torch.device("cpu"))
+    )
+    if resume and cached.is_file():
+        return json.loads(cached.read_text()), reference
+    before = evaluate(model, tokenizer, data, cfg)
+    cached.write_text(json.dumps(before, indent=2) + "\n")
+    return before, reference
+
+
+def _metrics(cfg, train_cfg, before, after, result, train, model, adapter_dir, seconds) -> dict[str, Any]:
+    trainable, total = api.trainable_parameters(model)
+    return {
+        "run": dataclasses.asdict(cfg),
+        "train_config": train_cfg.to_dict(),
+        "before": before,
+        "after": after,
+        "train": {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "tokens_per_s": result.tokens_per_s,
+            "train_seconds": round(result.elapsed_s, 1),
+            "skipped_batches": result.skipped_batches,
+            "skipped_samples": train.skipped,
+            "samples": len(train),
+            "trainable_params": trainable,
+            "total_params": total,
+        },
+        "adapter": str(adapter_dir),
+        "total_seconds": round(seconds, 1),
+    }
+
+
+ROWS = [
+    ("held-out exact match", "exact_match", "{:.1%}"),
+    ("held-out answer NLL (nats/token)", "answer_nll", "{:.3f}"),
+    ("general-text NLL (forgetting)", "general_nll", "{:.3f}"),
+    ("general-text perplexity", "general_ppl", "{:.2f}"),
+    ("next-token KL from the base", "kl_from_base", "{:.4f}"),
+]
+
+
+def format_table(before: dict | None, after: dict | None) -> str:
+    if before is None and after is None:
+        return "(evaluation skipped)"
+    lines = [f"{'metric':<34} {'before':>10} {'after':>10}", "-" * 56]
+    for label, key, fmt in ROWS:
+        cells = [fmt.format(m[key]) if m and key in m else "-" for m in (before, after)]
+        if key == "kl_from_base" and before is not None:
+            cells[0] = "0 (base)"
+        lines.append(f"{label:<34} {cells[0]:>10} {cells[1]:>10}")
+    return "\n".join(lines)
