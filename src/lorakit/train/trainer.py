@@ -264,6 +264,10 @@ class Trainer:
 
     # ---- pieces --------------------------------------------------------------------------------
 
+    def _stateful_hooks(self) -> list[Any]:
+        """Hooks whose state travels in checkpoints: those with state_dict and load_state_dict."""
+        return [h for h in self.hooks if hasattr(h, "state_dict") and hasattr(h, "load_state_dict")]
+
     def _call(self, method: str, *args: Any) -> None:
         for hook in self.hooks:
             fn = getattr(hook, method, None)
@@ -329,7 +333,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "data": fingerprint(self.samples),
             "groups": self.group_names,
-            "hooks": [_hook_state(h) for h in self.hooks],
+            "hooks": [h.state_dict() for h in self._stateful_hooks()],
         }
         folder = ckpt.step_dir(self.checkpoint_root, progress.step)
         ckpt.save_checkpoint(folder, {n: p.detach() for n, p in self.trainable.items()}, state)
@@ -344,9 +348,8 @@ class Trainer:
                 param.copy_(weights[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
-            if hook_state is not None and hasattr(hook, "load_state_dict"):
-                hook.load_state_dict(hook_state)
+        for hook, hook_state in zip(self._stateful_hooks(), state["hooks"], strict=True):
+            hook.load_state_dict(hook_state)
         _set_rng_state(state["rng"])
         self._say(f"resumed from {folder} at step {state['step']}")
         order = SampleOrder(len(self.samples), self.config.seed, **state["position"])
@@ -363,8 +366,8 @@ class Trainer:
             diffs.append("the training samples differ (token hash)")
         if state["groups"] != self.group_names:
             diffs.append("the optimizer parameter groups differ")
-        if len(state["hooks"]) != len(self.hooks):
-            diffs.append(f"{len(state['hooks'])} hooks there, {len(self.hooks)} here")
+        if len(state["hooks"]) != len(self._stateful_hooks()):
+            diffs.append(f"{len(state['hooks'])} hooks with state there, {len(self._stateful_hooks())} here")
         if diffs:
             raise ckpt.CheckpointError(
                 f"checkpoint {folder} belongs to a different run: "
@@ -454,11 +457,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _hook_state(hook: Any) -> Any:
-    fn = getattr(hook, "state_dict", None)
-    return fn() if callable(fn) else None
 
 
 def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

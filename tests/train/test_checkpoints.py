@@ -1,0 +1,182 @@
+"""Checkpoints: atomic writes, exact resume, and refusing corrupt or foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.train import CheckpointError, Trainer
+from lorakit.train import checkpoint as ckpt
+
+
+class Interrupt:
+    """Stops a run the way Ctrl-C would, after optimizer step `after` (1-based)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_step_end(self, model, step, total_steps):
+        if step + 1 == self.after:
+            raise KeyboardInterrupt
+
+
+def full_run(tiny, make_config, samples, folder: Path) -> dict[str, torch.Tensor]:
+    model = tiny.gpt2(dropout=0.1)
+    config = make_config(steps=7, checkpoint_every=2, output_dir=str(folder))
+    Trainer(model, samples, config).train()
+    return tiny.params_of(model)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, make_config, tmp_path):
+    samples = tiny.samples(10)  # 10 samples, batches of 4: batches cross epoch ends
+    reference = full_run(tiny, make_config, samples, tmp_path / "full")
+
+    folder = tmp_path / "interrupted"
+    config = make_config(steps=7, checkpoint_every=2, output_dir=str(folder))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny.gpt2(dropout=0.1), samples, config, hooks=[Interrupt(after=5)]).train()
+    assert [p.name for _, p, _ in ckpt.list_checkpoints(folder / "checkpoints")] == [
+        "step-000002",
+        "step-000004",
+    ]
+
+    # a fresh model with other initial weights: everything trainable comes from the checkpoint
+    model = tiny.gpt2(seed=123, dropout=0.1)
+    messages: list[str] = []
+    resumed = make_config(steps=7, checkpoint_every=2, output_dir=str(folder), resume=True)
+    result = Trainer(model, samples, resumed, log=messages.append).train()
+
+    assert any("resumed from" in m and "step-000004" in m for m in messages)
+    assert result.steps == 7
+    for name, value in tiny.params_of(model).items():
+        assert torch.equal(value, reference[name]), name
+    logged = [json.loads(line)["step"] for line in result.log_path.read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6, 7]  # step 5 of the interrupted run is not logged twice
+
+
+def test_a_failed_write_leaves_no_partial_file_in_view(tiny, make_config, tmp_path, monkeypatch):
+    real_save = ckpt.save_file
+    calls = {"n": 0}
+
+    def save_then_fail(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_save(tensors, path)
+        Path(path).write_bytes(b"half a file")  # the disk filled up midway
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", save_then_fail)
+    folder = tmp_path / "run"
+    config = make_config(steps=4, checkpoint_every=2, output_dir=str(folder))
+    with pytest.raises(OSError, match="No space left"):
+        Trainer(tiny.llama(), tiny.samples(8), config).train()
+
+    second = folder / "checkpoints" / "step-000004"
+    assert list(second.iterdir()) == []  # no weights, no temporary file, no manifest
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    messages: list[str] = []
+    resumed = make_config(steps=4, checkpoint_every=2, output_dir=str(folder), resume=True)
+    Trainer(tiny.llama(), tiny.samples(8), resumed, log=messages.append).train()
+    assert any("incomplete checkpoint" in m and "step-000004" in m for m in messages)
+    assert any("resumed from" in m and "step-000002" in m for m in messages)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_new_write_fails(tmp_path) -> None:
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old")
+
+    def fail_midway(path: Path) -> None:
+        path.write_bytes(b"ne")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        ckpt.atomic_write(target, fail_midway)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def trained_folder(tiny, make_config, tmp_path, **overrides) -> Path:
+    folder = tmp_path / "run"
+    values = {"steps": 2, "checkpoint_every": 2, "output_dir": str(folder), **overrides}
+    Trainer(tiny.llama(), tiny.samples(8), make_config(**values)).train()
+    return folder
+
+
+def resume(tiny, make_config, folder: Path, model=None, **overrides) -> None:
+    config = make_config(steps=2, output_dir=str(folder), resume=True, **overrides)
+    Trainer(model or tiny.llama(), tiny.samples(8), config).train()
+
+
+@pytest.mark.parametrize("name", [ckpt.WEIGHTS, ckpt.STATE])
+def test_a_corrupt_checkpoint_is_detected(tiny, make_config, tmp_path, name: str) -> None:
+    folder = trained_folder(tiny, make_config, tmp_path)
+    target = folder / "checkpoints" / "step-000002" / name
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"is corrupt: {name}.*does not match"):
+        resume(tiny, make_config, folder)
+
+
+def test_a_truncated_checkpoint_is_detected(tiny, make_config, tmp_path) -> None:
+    folder = trained_folder(tiny, make_config, tmp_path)
+    target = folder / "checkpoints" / "step-000002" / ckpt.WEIGHTS
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        resume(tiny, make_config, folder)
+
+
+def test_loading_an_incomplete_checkpoint_directly_is_refused(tiny, make_config, tmp_path):
+    folder = trained_folder(tiny, make_config, tmp_path) / "checkpoints" / "step-000002"
+    (folder / ckpt.MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ckpt.load_checkpoint(folder)
+
+
+def test_a_checkpoint_of_other_trainable_parameters_is_refused(tiny, make_config, tmp_path):
+    folder = trained_folder(tiny, make_config, tmp_path)
+    model = tiny.llama()
+    model.lm_head.weight.requires_grad_(False)
+    with pytest.raises(CheckpointError, match="not trainable in the model: lm_head.weight"):
+        resume(tiny, make_config, folder, model=model)
+
+
+def test_a_checkpoint_of_other_shapes_is_refused(tiny, make_config, tmp_path) -> None:
+    folder = tmp_path / "run"
+    config = make_config(steps=2, checkpoint_every=2, output_dir=str(folder))
+    Trainer(tiny.gpt2(n_embd=32), tiny.samples(8), config).train()
+    with pytest.raises(
+        CheckpointError,
+        match=r"shapes differ: transformer.h.0.attn.c_attn.bias: checkpoint \(96,\) vs model \(144,\)",
+    ):
+        resume(tiny, make_config, folder, model=tiny.gpt2(n_embd=48))
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tiny, make_config, tmp_path) -> None:
+    folder = trained_folder(tiny, make_config, tmp_path)
+    with pytest.raises(CheckpointError, match="lr=0.01 there, 0.02 here"):
+        resume(tiny, make_config, folder, lr=0.02)
+
+
+def test_a_fresh_run_does_not_overwrite_existing_checkpoints(tiny, make_config, tmp_path):
+    folder = trained_folder(tiny, make_config, tmp_path)
+    config = make_config(steps=2, output_dir=str(folder))
+    with pytest.raises(FileExistsError, match="pass resume=True"):
+        Trainer(tiny.llama(), tiny.samples(8), config).train()
+
+
+def test_old_checkpoints_are_pruned(tiny, make_config, tmp_path) -> None:
+    folder = trained_folder(tiny, make_config, tmp_path, steps=6, checkpoint_every=1)
+    names = [p.name for _, p, _ in ckpt.list_checkpoints(folder / "checkpoints")]
+    assert names == ["step-000005", "step-000006"]
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny, make_config, tmp_path) -> None:
+    folder = trained_folder(tiny, make_config, tmp_path)
+    model = tiny.llama(seed=5)
+    resume(tiny, make_config, folder, model=model)
+    weights, _ = ckpt.load_checkpoint(folder / "checkpoints" / "step-000002")
+    assert all(torch.equal(p, weights[n]) for n, p in tiny.params_of(model).items())
