@@ -57,15 +57,19 @@ def chunked_causal_lm_loss(
     if verify_head:
         _check_head(head, hidden, out.logits)
     rows = hidden[:, :-1][keep]  # (N, H)
-    ys = targets[keep]  # (N,)
+    return _chunked_ce(head, rows, targets[keep], chunk_size), count
+
+
+def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Sum of CE over row chunks; with grad on, each chunk's logits are recomputed in backward."""
     total = torch.zeros((), device=rows.device, dtype=torch.float32)
-    for start in range(0, count, chunk_size):
-        h, y = rows[start : start + chunk_size], ys[start : start + chunk_size]
+    for start in range(0, rows.shape[0], chunk_size):
+        h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
         else:
             total = total + _chunk_loss(head, h, y)
-    return total, count
+    return total
 
 
 def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
