@@ -1,0 +1,104 @@
+"""Build the model a case measures: the base, lorakit's LoRA or PEFT's LoRA, unmerged or merged.
+
+Both libraries get the *same* adapter values: A and B are drawn from one seeded generator, layer
+by layer in module order. B is non-zero (PEFT's and lorakit's default init make B = 0), so the
+adapter path really computes something, and the two libraries must produce the same outputs,
+which the report checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+import lorakit as lk
+
+from .cases import ALPHA, RANK, Case
+
+B_STD = 0.01  # small enough to keep the model sensible, large enough to change its outputs
+SEED = 0
+
+
+def load(model: str | None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): "tiny" is a two-layer random Llama for tests, None the default model."""
+    if model == "tiny":
+        from lorakit.models import tiny_llama, tiny_tokenizer
+
+        return tiny_llama(), tiny_tokenizer()
+    return lk.load_model(model)
+
+
+def prepare(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
+    """Turn the plain model into what `case` measures: (the module to call, layers adapted)."""
+    if case.adapter == "none":
+        return model, 0
+    if case.library == "peft":
+        return _prepare_peft(model, case)
+    lk.apply(model, lk.LoRAConfig(rank=RANK, alpha=ALPHA, target_modules="all-linear"))
+    layers = _fill(_lorakit_pairs(model))
+    if case.adapter in ("merged", "merged_unloaded"):
+        lk.merge(model)
+    if case.adapter == "merged_unloaded":
+        lk.unload(model)
+    return model, layers
+
+
+def _prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    layers = _fill(_peft_pairs(peft_model))
+    if case.adapter == "merged":
+        return peft_model.merge_and_unload(), layers
+    return peft_model, layers
+
+
+def _lorakit_pairs(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) of every adapted layer, in module order, found by declared role."""
+    for module in model.modules():
+        if isinstance(module, lk.AdaptedLayer):
+            for delta in module.adapters.values():
+                roles = delta.role_parameters()
+                yield roles[lk.Role.A][0], roles[lk.Role.B][0]
+
+
+def _peft_pairs(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                yield module.lora_A[name].weight, module.lora_B[name].weight
+
+
+def _fill(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """A ~ N(0, 1/in) and B ~ N(0, B_STD^2): shapes (r, in) and (out, r) in both libraries."""
+    generator = torch.Generator().manual_seed(SEED)
+    count = 0
+    with torch.no_grad():
+        for a, b in pairs:
+            a.copy_(torch.randn(a.shape, generator=generator) / math.sqrt(a.shape[1]))
+            b.copy_(torch.randn(b.shape, generator=generator) * B_STD)
+            count += 1
+    if count == 0:
+        raise RuntimeError("no LoRA layer was found to initialise; the adapter did not attach")
+    return count
+
+
+def adapter_stats(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters (shared tensors once), to show both libraries adapt the same."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": sum(p.numel() for p in seen.values())}

@@ -1,0 +1,67 @@
+"""One benchmark case in its own process: `python -m lorakit.bench.case '<json spec>'`.
+
+A fresh process per case makes peak RSS (ru_maxrss) belong to that case alone and keeps one
+case's allocator state, threads and caches from leaking into the next. The spec is
+{"case", "model", "threads", "warmup", "steps", "result_path"}; the result is written as JSON
+to result_path (stdout is left to library warnings).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import adapter_stats, load, prepare
+from .cases import find_case
+from .infer import run_infer
+from .timing import current_rss_mb, peak_rss_mb
+
+
+def run_case(spec: dict[str, Any]) -> dict[str, Any]:
+    case = find_case(spec["case"])
+    torch.set_num_threads(int(spec["threads"]))
+    start = time.perf_counter()
+    model, tokenizer = load(spec.get("model"))
+    model, layers = prepare(model, case)
+    setup_s = time.perf_counter() - start
+    rss_ready = current_rss_mb()
+    warmup, steps = int(spec["warmup"]), int(spec["steps"])
+    if case.suite == "infer":
+        model.eval()
+        result = run_infer(model, tokenizer, warmup, steps)
+    else:
+        from .train import run_train  # only train cases need the optimizer and loss imports
+
+        result = run_train(model, case, warmup, steps)
+    result.update(
+        case=case.name,
+        library=case.library,
+        adapter=case.adapter,
+        dtype=case.dtype,
+        adapted_layers=layers,
+        setup_s=setup_s,
+        rss_ready_mb=rss_ready,
+        peak_rss_mb=peak_rss_mb(),
+        torch_threads=torch.get_num_threads(),
+        **adapter_stats(model),
+    )
+    return result
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m lorakit.bench.case '<json spec>'", file=sys.stderr)
+        return 2
+    spec = json.loads(argv[0])
+    result = run_case(spec)
+    Path(spec["result_path"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

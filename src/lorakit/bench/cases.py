@@ -1,0 +1,115 @@
+"""The benchmark cases and the ratios between them: plain data, imported by parent and child.
+
+Case names are the strings users pass (`cases=[...]`) and the keys of the JSON report; nothing
+else dispatches on them. The runner executes cases in the order listed, so each lorakit case runs
+right next to its PEFT counterpart and both see the same background load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Library = Literal["none", "lorakit", "peft"]
+Adapter = Literal["none", "unmerged", "merged", "merged_unloaded"]
+
+SUITES = ("infer", "train")
+RANK, ALPHA = 16, 32
+FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
+NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
+TRAIN_BATCH, TRAIN_SEQ = 4, 256
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement, run in its own process.
+
+    `library="peft"` with `adapter="none"` is the plain model measured in a process that imported
+    PEFT: the noise control for the lorakit-vs-PEFT ratios. `loss` (train only): "chunked" is
+    lorakit's chunked causal-LM loss, "model" the model's own `labels=` loss as PEFT users call it.
+    """
+
+    name: str
+    suite: str
+    library: Library
+    adapter: Adapter = "none"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    loss: Literal["chunked", "model"] = "model"
+    extra: bool = False  # not run by default; only when named in `cases`
+
+
+CASES: tuple[Case, ...] = (
+    Case("base", "infer", "none"),
+    Case("peft_base", "infer", "peft"),
+    Case("lora_unmerged", "infer", "lorakit", "unmerged"),
+    Case("peft_lora_unmerged", "infer", "peft", "unmerged"),
+    Case("lora_merged", "infer", "lorakit", "merged"),
+    Case("peft_lora_merged", "infer", "peft", "merged"),
+    Case("lora_merged_unloaded", "infer", "lorakit", "merged_unloaded", extra=True),
+    Case("lora_fp32", "train", "lorakit", "unmerged", "fp32", "chunked"),
+    Case("peft_lora_fp32", "train", "peft", "unmerged", "fp32", "model"),
+    Case("lora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked"),
+    Case("peft_lora_bf16", "train", "peft", "unmerged", "bf16", "model"),
+    Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
+    Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
+)
+
+# (numerator, denominator): computed from medians measured in the same invocation.
+RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
+    "infer": (
+        ("lora_merged", "base"),
+        ("lora_unmerged", "base"),
+        ("lora_merged_unloaded", "base"),
+        ("peft_lora_merged", "peft_base"),
+        ("peft_lora_unmerged", "peft_base"),
+        ("base", "peft_base"),
+        ("lora_unmerged", "peft_lora_unmerged"),
+        ("lora_merged", "peft_lora_merged"),
+    ),
+    "train": (
+        ("lora_fp32", "peft_lora_fp32"),
+        ("lora_bf16", "peft_lora_bf16"),
+        ("lora_model_loss_fp32", "peft_lora_fp32"),
+        ("lora_model_loss_bf16", "peft_lora_bf16"),
+        ("lora_bf16", "lora_fp32"),
+        ("peft_lora_bf16", "peft_lora_fp32"),
+    ),
+}
+
+# Pairs whose outputs must agree: same weights, so the same logits and the same greedy tokens.
+SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
+    "infer": (
+        ("base", "peft_base"),
+        ("lora_merged", "lora_unmerged"),
+        ("lora_merged_unloaded", "lora_unmerged"),
+        ("lora_unmerged", "peft_lora_unmerged"),
+        ("peft_lora_merged", "peft_lora_unmerged"),
+    ),
+    "train": (
+        ("lora_fp32", "peft_lora_fp32"),
+        ("lora_model_loss_fp32", "peft_lora_fp32"),
+        ("lora_bf16", "peft_lora_bf16"),
+    ),
+}
+
+
+def find_case(name: str) -> Case:
+    for case in CASES:
+        if case.name == name:
+            return case
+    known = ", ".join(c.name for c in CASES)
+    raise ValueError(f"unknown benchmark case {name!r}; known cases: {known}")
+
+
+def select_cases(suite: str, with_peft: bool, names: list[str] | None = None) -> list[Case]:
+    """The cases to run: the suite's defaults (or exactly `names`), PEFT ones only if wanted."""
+    suites = SUITES if suite == "all" else (suite,)
+    if any(s not in SUITES for s in suites):
+        raise ValueError(f"unknown suite {suite!r}; expected one of: {', '.join(SUITES)}, all")
+    if names:
+        chosen = [find_case(n) for n in names]
+        stray = [c.name for c in chosen if c.suite not in suites]
+        if stray:
+            raise ValueError(f"cases {stray} are not in suite {suite!r}; use suite='all' or drop them")
+        return [c for c in chosen if with_peft or c.library != "peft"]
+    return [c for c in CASES if c.suite in suites and not c.extra and (with_peft or c.library != "peft")]

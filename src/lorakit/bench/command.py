@@ -1,0 +1,61 @@
+"""The `lorakit bench` subcommand: `add_arguments(parser)` declares it, `main(args)` runs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cases import SUITES
+from .runner import run_bench
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="infer")
+    parser.add_argument(
+        "--vs-peft",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the PEFT cases (skipped anyway if peft is not installed)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face folder, or 'tiny' (default: SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown")
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in each case")
+    parser.add_argument("--cases", nargs="+", default=None, help="run only these cases")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cases at once; >1 only for smoke tests (they slow each other)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the JSON report on stdout (the Markdown then goes to stderr)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the bench; exit status 1 if any case failed."""
+    report = run_bench(
+        suite=args.suite,
+        vs_peft=args.vs_peft,
+        model=args.model,
+        out_dir=args.out,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        cases=args.cases,
+        jobs=args.jobs,
+    )
+    markdown = Path(report["files"]["markdown"]).read_text()
+    if args.json:
+        print(markdown, file=sys.stderr)
+        print(json.dumps(report, indent=1))
+    else:
+        print(markdown)
+    return 1 if report["failed"] else 0

@@ -1,0 +1,76 @@
+"""Training measurement: one AdamW step on a 4 x 256 batch, causal-LM loss on every token.
+
+lorakit's cases use its chunked loss (`lorakit.train.loss.chunked_causal_lm_loss`), which never
+builds fp32 logits for the whole batch; PEFT's cases call `model(input_ids, labels=...)` as PEFT
+users do. The `lora_model_loss_*` cases run lorakit with that same plain loss, so a reader can
+tell how much of a difference comes from the loss and how much from the adapter layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .cases import TRAIN_BATCH, TRAIN_SEQ, Case
+from .timing import measure
+
+LR = 1e-4
+
+LossFn = Callable[[nn.Module, Tensor], Tensor]
+
+
+def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str, Any]:
+    model.train()
+    ids = _batch(model)
+    loss_fn, loss_name = _loss_fn(case.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    losses: list[float] = []
+
+    def step() -> None:
+        with _autocast(case.dtype):
+            loss = loss_fn(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+
+    timing = measure(step, warmup, steps)
+    timing["tokens_per_s"] = ids.numel() / timing["median_s"]
+    return {"step": timing, "loss": loss_name, "losses": losses, "batch": list(ids.shape)}
+
+
+def _batch(model: nn.Module) -> Tensor:
+    """A fixed pseudo-random (TRAIN_BATCH, TRAIN_SEQ) batch; timing does not depend on the text."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(4321)
+    return torch.randint(0, vocab, (TRAIN_BATCH, TRAIN_SEQ), generator=generator)
+
+
+def _autocast(dtype: str) -> contextlib.AbstractContextManager[Any]:
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss_fn(kind: str) -> tuple[LossFn, str]:
+    """The loss a case asked for; falls back to the model's own loss if the chunked one is absent."""
+    if kind == "chunked" and importlib.util.find_spec("lorakit.train.loss") is not None:
+        return _chunked_loss, "lorakit chunked_causal_lm_loss"
+    return _model_loss, "model(input_ids, labels=input_ids).loss"
+
+
+def _model_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+
+
+def _chunked_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    from lorakit.train.loss import chunked_causal_lm_loss
+
+    total, count = chunked_causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+    return total / count
