@@ -71,12 +71,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from . import api
-    from .run import api_load, build_data, evaluate, format_table, split_options
+    from .run import api_load, build_data, evaluate, format_table, read_data, split_options
     from .train import evaluate as ev
 
     run, train = split_options(_options(args, _run_fields()))
+    conversations = read_data(run, train.seed)
     model, tokenizer = api_load(run.model)
-    _, data = build_data(run, tokenizer, train.seed)
+    _, data = build_data(run, tokenizer, conversations)
     reference = ev.reference_next_token_logprobs(model, tokenizer, data.prompts) if args.adapter else None
     base = None
     if args.adapter:

