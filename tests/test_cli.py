@@ -142,3 +142,10 @@ def test_bad_data_line_is_a_clean_cli_error(tmp_path) -> None:
         main(
             ["train", "--data", str(bad), "--steps", "1", "--output-dir", str(tmp_path / "o"), "--skip-eval"]
         )
+
+
+def test_rerun_into_a_finished_run_is_refused_before_loading_anything(tmp_path) -> None:
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000002" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["train", "--output-dir", str(tmp_path), "--model", str(tmp_path / "no-such-model")])

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
         if args.verbose:
             raise
         raise SystemExit(f"error: {err}") from None
