@@ -26,7 +26,7 @@ def _header(report: dict[str, Any]) -> str:
     return (
         f"# lorakit bench: {s['suite']} ({m['date']})\n\n"
         f"Model: {s['model']}. {s['warmup']} warm-up + {s['steps']} timed iterations per case, "
-        f"each case in its own process, {m['threads']} torch threads"
+        f"each case in its own process, {m['threads']} torch threads, OMP_WAIT_POLICY={s.get('omp_wait_policy')}"
         f"{_jobs_note(s.get('jobs', 1))}.\n"
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gb']} GB; "
         f"1-min load average {load}. {versions}."

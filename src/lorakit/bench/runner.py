@@ -21,6 +21,11 @@ from .cases import SUITES, Case, select_cases
 from .report import machine_info, suite_report, write_report
 
 CASE_TIMEOUT_S = 3600  # a hung case must not hang the whole run
+# OpenMP threads that spin while waiting (the default) lose their time slice to other processes
+# on a shared machine, and every parallel op then waits for them: measured here, a forward that
+# takes 3 ms took 400 ms at load 4 on 2 cores. Sleeping waiters cost little on an idle machine.
+# A value the user set wins.
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run_bench(
@@ -49,7 +54,7 @@ def run_bench(
     results = _run_all(selected, spec, jobs, verbose)
     machine["load_average_after"] = list(os.getloadavg())
     settings = {**spec, "suite": suite, "model": model or "default", "jobs": jobs, "vs_peft": vs_peft}
-    settings["peft_cases"] = with_peft
+    settings.update(peft_cases=with_peft, omp_wait_policy=OMP_WAIT_POLICY)
     suites = [s for s in SUITES if any(c.suite == s for c in selected)]
     report = {
         "settings": settings,
@@ -81,9 +86,8 @@ def _run_all(
 
 def _run_case(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run one case in a fresh interpreter; a failure is recorded, not raised, so others still run."""
-    env = dict(
-        os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false"
-    )
+    threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {**os.environ, **threads_env, "OMP_WAIT_POLICY": OMP_WAIT_POLICY, "TOKENIZERS_PARALLELISM": "false"}
     load_before = list(os.getloadavg())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
