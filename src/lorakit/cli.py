@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     run, train = split_options(_options(args, _run_fields()))
     conversations = read_data(run, train.seed)
-    model, tokenizer = api_load(run.model)
+    model, tokenizer = api_load(run.model, run.attention)
     _, data = build_data(run, tokenizer, conversations)
     reference = ev.reference_next_token_logprobs(model, tokenizer, data.prompts) if args.adapter else None
     base = None

@@ -189,7 +189,10 @@ class LoRADelta(Delta):
         layer.set_weight_out_in(weight - self.scale * self.pissa_B0 @ self.pissa_A0)
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype
+            x = x.to(self.lora_A.dtype)
+        h = F.linear(x, self.lora_A)  # (..., r)
         return (F.linear(h, self.lora_B) * self.scale).to(base_out.dtype)  # (..., out)
 
     def delta_weight(self) -> Tensor:
