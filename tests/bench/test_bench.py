@@ -2,6 +2,8 @@
 
 No timing assertions: these machines are shared and noisy. What is checked is the shape of the
 report, that every case ran, and that cases holding the same weights agree on their outputs.
+Each child process spends ~4 s importing torch and transformers, so the end-to-end tests run
+few cases (6 processes in all); the multi-round logic is checked on synthetic results instead.
 """
 
 from __future__ import annotations
@@ -15,27 +17,33 @@ import pytest
 
 from lorakit.bench import add_arguments, run_bench
 from lorakit.bench.cases import CASES, select_cases
+from lorakit.bench.report import suite_report
+from lorakit.bench.runner import round_order
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
-INFER = ["base", "lora_unmerged", "lora_merged"] + (
-    ["peft_base", "peft_lora_unmerged", "peft_lora_merged"] if HAS_PEFT else []
-)
+# One PEFT case is enough to exercise the cross-library ratio and output check.
+INFER = ["base", "lora_unmerged", "lora_merged"] + (["peft_lora_merged"] if HAS_PEFT else [])
 
 
 @pytest.fixture(scope="module")
 def infer_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     # threads=1: on a loaded 2-core machine two OpenMP threads wait on each other at every op.
-    return run_bench("infer", model="tiny", out_dir=out, steps=2, warmup=1, threads=1, jobs=2, verbose=False)
+    return run_bench(
+        "infer", model="tiny", out_dir=out, steps=2, warmup=1, threads=1, jobs=2, verbose=False, cases=INFER
+    )
 
 
 def test_infer_report_has_every_case_with_positive_medians(infer_report: dict) -> None:
     assert infer_report["failed"] == []
+    assert infer_report["settings"]["rounds"] == 1  # the default for the tiny model
     cases = infer_report["suites"]["infer"]["cases"]
     assert sorted(cases) == sorted(INFER)
     for result in cases.values():
+        assert len(result["forward"]["samples_s"]) == 4  # forward_steps defaults to 2 x steps
+        assert len(result["generate"]["samples_s"]) == 2
+        assert len(result["rounds"]) == 1
         for metric in ("forward", "generate"):
-            assert len(result[metric]["samples_s"]) == 2
             assert result[metric]["median_s"] > 0
         assert result["peak_rss_mb"] > 0
         assert len(result["fingerprint"]["generated_ids"]) == 64
@@ -43,12 +51,14 @@ def test_infer_report_has_every_case_with_positive_medians(infer_report: dict) -
 
 def test_infer_ratios_and_output_checks(infer_report: dict) -> None:
     suite = infer_report["suites"]["infer"]
-    expected = {"lora_merged/base", "lora_unmerged/base"}
-    if HAS_PEFT:
-        expected |= {"base/peft_base", "lora_unmerged/peft_lora_unmerged", "lora_merged/peft_lora_merged"}
+    expected = {"lora_merged/base", "lora_unmerged/base"} | (
+        {"lora_merged/peft_lora_merged"} if HAS_PEFT else set()
+    )
     assert expected <= set(suite["ratios"])
     for entry in suite["ratios"].values():
         assert entry["forward"] > 0 and entry["generate"] > 0 and entry["peak_rss"] > 0
+        assert len(entry["per_round"]["forward"]) == 1
+    assert suite["noise_floor"] is None  # peft_base was not run
     for name, check in suite["checks"].items():  # same weights must give the same function
         assert check["logits_max_abs_diff"] < 1e-4, name
         assert check["same_argmax"], name
@@ -87,6 +97,72 @@ def test_train_cases_run_and_agree_on_the_first_loss(tmp_path: Path) -> None:
     assert suite["checks"]["lora_fp32 vs peft_lora_fp32"]["first_loss_abs_diff"] < 1e-4
 
 
+def _fake_result(forward_s: float, generate_s: float, rss_mb: float) -> dict:
+    timing = {"samples_s": [forward_s], "median_s": forward_s, "min_s": forward_s}
+    generate = {
+        "samples_s": [generate_s],
+        "median_s": generate_s,
+        "min_s": generate_s,
+        "tokens_per_s": 64 / generate_s,
+    }
+    fingerprint = {"logits_head": [0.0], "argmax": 1, "generated_ids": [1, 2]}
+    return {"forward": timing, "generate": generate, "peak_rss_mb": rss_mb, "fingerprint": fingerprint}
+
+
+def test_ratios_are_taken_per_round_then_their_median() -> None:
+    # The machine is 20% slower in round 2; inside every round merged/base is exactly 1.1.
+    rounds = [
+        {
+            "base": _fake_result(1.0, 2.0, 100),
+            "peft_base": _fake_result(1.0, 2.0, 100),
+            "lora_merged": _fake_result(1.1, 2.0, 101),
+        },
+        {
+            "base": _fake_result(1.2, 2.4, 100),
+            "peft_base": _fake_result(1.3, 2.4, 100),
+            "lora_merged": _fake_result(1.32, 2.4, 101),
+        },
+        {
+            "base": _fake_result(1.0, 2.0, 100),
+            "peft_base": _fake_result(0.9, 2.0, 100),
+            "lora_merged": _fake_result(1.1, 2.0, 101),
+        },
+    ]
+    suite = suite_report("infer", rounds)
+    merged = suite["ratios"]["lora_merged/base"]
+    assert merged["forward"] == pytest.approx(1.1) and merged["spread"]["forward"] == pytest.approx(
+        [1.1, 1.1]
+    )
+    floor = suite["noise_floor"]
+    assert floor["ratio"] == "base/peft_base"
+    assert floor["per_round"]["forward"] == pytest.approx([1.0, 1.2 / 1.3, 1.0 / 0.9])
+    assert floor["forward"] == pytest.approx(1.0) and floor["spread"]["forward"] == pytest.approx(
+        [1.2 / 1.3, 1.0 / 0.9]
+    )
+    base = suite["cases"]["base"]
+    assert base["forward"]["round_medians_s"] == [1.0, 1.2, 1.0] and base["forward"]["median_s"] == 1.0
+    assert base["forward"]["samples_s"] == [1.0, 1.2, 1.0] and len(base["rounds"]) == 3
+    assert base["generate"]["tokens_per_s"] == pytest.approx(32.0)
+
+
+def test_a_failed_round_drops_only_that_round() -> None:
+    rounds = [
+        {"base": _fake_result(1.0, 2.0, 100), "lora_merged": _fake_result(1.1, 2.0, 100)},
+        {"base": {"error": "exit code 1", "round": 2}, "lora_merged": _fake_result(9.0, 2.0, 100)},
+    ]
+    suite = suite_report("infer", rounds)
+    assert suite["ratios"]["lora_merged/base"]["per_round"]["forward"] == pytest.approx([1.1])
+    assert suite["cases"]["base"]["failed_rounds"] == [2]
+
+
+def test_round_order_alternates() -> None:
+    selected = select_cases("infer", with_peft=True)
+    names = [c.name for c in selected]
+    assert [c.name for c in round_order(selected, 0)] == names
+    assert [c.name for c in round_order(selected, 1)] == names[::-1]
+    assert [c.name for c in round_order(selected, 2)] == names
+
+
 def test_case_selection() -> None:
     assert [c.name for c in select_cases("infer", with_peft=False)] == [
         "base",
@@ -108,3 +184,6 @@ def test_cli_arguments() -> None:
     add_arguments(parser)
     args = parser.parse_args(["--suite", "all", "--no-vs-peft", "--model", "tiny", "--json"])
     assert (args.suite, args.vs_peft, args.model, args.json, args.steps) == ("all", False, "tiny", True, 5)
+    assert (args.rounds, args.forward_steps) == (None, None)  # run_bench picks 3 or 1, and 2 x steps
+    args = parser.parse_args(["--rounds", "2", "--forward-steps", "12"])
+    assert (args.rounds, args.forward_steps) == (2, 12)

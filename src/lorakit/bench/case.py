@@ -2,7 +2,7 @@
 
 A fresh process per case makes peak RSS (ru_maxrss) belong to that case alone and keeps one
 case's allocator state, threads and caches from leaking into the next. The spec is
-{"case", "model", "threads", "warmup", "steps", "result_path"}; the result is written as JSON
+{"case", "model", "threads", "warmup", "steps", "forward_steps", "result_path"}; the result is written as JSON
 to result_path (stdout is left to library warnings).
 """
 
@@ -33,7 +33,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     warmup, steps = int(spec["warmup"]), int(spec["steps"])
     if case.suite == "infer":
         model.eval()
-        result = run_infer(model, tokenizer, warmup, steps)
+        forward_steps = int(spec.get("forward_steps") or steps)
+        result = run_infer(model, tokenizer, warmup, steps, forward_steps)
     else:
         from .train import run_train  # only train cases need the optimizer and loss imports
 

@@ -25,7 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a local Hugging Face folder, or 'tiny' (default: SmolLM2-135M-Instruct)",
     )
     parser.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="run the whole case list this many times, order reversed every other round; ratios are "
+        "taken per round, then their median (default: 3, or 1 for --model tiny)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed iterations per case")
+    parser.add_argument(
+        "--forward-steps", type=int, default=None, help="timed forwards per infer case (default: 2 x --steps)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each case")
     parser.add_argument("--cases", nargs="+", default=None, help="run only these cases")
@@ -51,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
         threads=args.threads,
         cases=args.cases,
         jobs=args.jobs,
+        rounds=args.rounds,
+        forward_steps=args.forward_steps,
     )
     markdown = Path(report["files"]["markdown"]).read_text()
     if args.json:

@@ -11,7 +11,9 @@ def render(report: dict[str, Any]) -> str:
     parts = [_header(report)]
     for suite, data in report["suites"].items():
         parts.append(_infer_table(data["cases"]) if suite == "infer" else _train_table(data["cases"]))
-        parts.append(_ratio_table(suite, data["ratios"]))
+        parts.append(_ratio_table(suite, data["ratios"], data.get("rounds", 1)))
+        if data.get("noise_floor"):
+            parts.append(_noise_floor_note(suite, data["noise_floor"]))
         if data["checks"]:
             parts.append(_check_table(data["checks"]))
     if report["failed"]:
@@ -25,8 +27,9 @@ def _header(report: dict[str, Any]) -> str:
     load = f"{m['load_average_before'][0]:.2f} before, {m.get('load_average_after', [0.0])[0]:.2f} after"
     return (
         f"# lorakit bench: {s['suite']} ({m['date']})\n\n"
-        f"Model: {s['model']}. {s['warmup']} warm-up + {s['steps']} timed iterations per case, "
-        f"each case in its own process, {m['threads']} torch threads, OMP_WAIT_POLICY={s.get('omp_wait_policy')}"
+        f"Model: {s['model']}. {_rounds_note(s.get('rounds', 1))} {s['warmup']} warm-up + {_steps_note(s)} "
+        f"per case, each case in its own process, {m['threads']} torch threads, "
+        f"OMP_WAIT_POLICY={s.get('omp_wait_policy')}"
         f"{_jobs_note(s.get('jobs', 1))}.\n"
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gb']} GB; "
         f"1-min load average {load}. {versions}."
@@ -35,49 +38,70 @@ def _header(report: dict[str, Any]) -> str:
 
 def _infer_table(cases: dict[str, dict[str, Any]]) -> str:
     rows = [
-        f"| case | forward 1x{FORWARD_TOKENS} (ms) | range (ms) | generate {NEW_TOKENS} tokens (s) "
-        "| range (s) | tokens/s | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
+        f"| case | forward 1x{FORWARD_TOKENS} (ms) | range (ms) | per round (ms) "
+        f"| generate {NEW_TOKENS} tokens (s) | range (s) | per round (s) | tokens/s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
         if "error" in r:
-            rows.append(f"| {name} | failed | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | |")
             continue
         f, g = r["forward"], r["generate"]
         rows.append(
-            f"| {name} | {f['median_s'] * 1e3:.1f} | {_range(f, 1e3, 1)} | {g['median_s']:.2f} "
-            f"| {_range(g, 1, 2)} | {g['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"| {name} | {f['median_s'] * 1e3:.1f} | {_range(f, 1e3, 1)} | {_per_round(f, 1e3, 1)} "
+            f"| {g['median_s']:.2f} | {_range(g, 1, 2)} | {_per_round(g, 1, 2)} "
+            f"| {g['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(rows)
 
 
 def _train_table(cases: dict[str, dict[str, Any]]) -> str:
     rows = [
-        f"| case | dtype | loss | s/step ({TRAIN_BATCH}x{TRAIN_SEQ}) | range (s) | tokens/s "
-        "| peak RSS (MB) | trainable params |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| case | dtype | loss | s/step ({TRAIN_BATCH}x{TRAIN_SEQ}) | range (s) | per round (s) "
+        "| tokens/s | peak RSS (MB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
         if "error" in r:
-            rows.append(f"| {name} | failed | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | |")
             continue
         st = r["step"]
         rows.append(
             f"| {name} | {r['dtype']} | {r['loss']} | {st['median_s']:.2f} | {_range(st, 1, 2)} "
-            f"| {st['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['trainable_params']:,} |"
+            f"| {_per_round(st, 1, 2)} | {st['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['trainable_params']:,} |"
         )
     return "\n".join(rows)
 
 
-def _ratio_table(suite: str, ratios: dict[str, dict[str, float]]) -> str:
+def _ratio_table(suite: str, ratios: dict[str, dict[str, Any]], rounds: int) -> str:
+    """Median of the per-round ratios, with their min-max over rounds when there are several."""
     metrics = ("forward", "generate") if suite == "infer" else ("step",)
+    title = f"ratio (median of {rounds} rounds, min–max)" if rounds > 1 else "ratio (same run)"
     rows = [
-        "| ratio (same run) | " + " | ".join(metrics) + " | peak RSS |",
+        f"| {title} | " + " | ".join(metrics) + " | peak RSS |",
         "|---|" + "---|" * (len(metrics) + 1),
     ]
     for name, entry in ratios.items():
-        rows.append(f"| {name} | " + " | ".join(f"{entry[m]:.3f}" for m in (*metrics, "peak_rss")) + " |")
+        cells = " | ".join(_ratio_cell(entry, m) for m in (*metrics, "peak_rss"))
+        rows.append(f"| {name} | {cells} |")
     return "\n".join(rows)
+
+
+def _ratio_cell(entry: dict[str, Any], metric: str) -> str:
+    lo, hi = entry.get("spread", {}).get(metric, (entry[metric], entry[metric]))
+    if len(entry.get("per_round", {}).get(metric, ())) < 2:
+        return f"{entry[metric]:.3f}"
+    return f"{entry[metric]:.3f} ({lo:.3f}–{hi:.3f})"
+
+
+def _noise_floor_note(suite: str, floor: dict[str, Any]) -> str:
+    metrics = ("forward", "generate") if suite == "infer" else ("step",)
+    values = ", ".join(f"{m} {_ratio_cell(floor, m)}" for m in metrics)
+    return (
+        f"Noise floor: {floor['ratio']} = {values}. Both sides are the same model in two processes, "
+        "so its distance from 1 is noise alone; other ratios no further from 1 are within noise."
+    )
 
 
 def _check_table(checks: dict[str, dict[str, Any]]) -> str:
@@ -96,10 +120,29 @@ def _range(timing: dict[str, Any], scale: float, digits: int) -> str:
     return f"{min(samples) * scale:.{digits}f}–{max(samples) * scale:.{digits}f}"
 
 
+def _per_round(timing: dict[str, Any], scale: float, digits: int) -> str:
+    medians = timing.get("round_medians_s", [timing["median_s"]])
+    return " / ".join(f"{m * scale:.{digits}f}" for m in medians)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return f"{value:.2e}" if isinstance(value, float) else str(value)
+
+
+def _rounds_note(rounds: int) -> str:
+    if rounds == 1:
+        return "1 round."
+    return f"{rounds} rounds (case order reversed every other round); medians are medians of round medians."
+
+
+def _steps_note(settings: dict[str, Any]) -> str:
+    steps, forward, suite = settings["steps"], settings.get("forward_steps"), settings["suite"]
+    if suite == "train" or forward is None:
+        return f"{steps} timed iterations"
+    others = "generations" if suite == "infer" else "generations or train steps"
+    return f"{forward} timed forwards and {steps} timed {others}"
 
 
 def _jobs_note(jobs: int) -> str:

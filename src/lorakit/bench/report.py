@@ -1,7 +1,8 @@
 """Turn case results into the report: machine info, ratios, output checks, JSON and Markdown.
 
-Ratios are only ever computed between cases of the same invocation: absolute times on a shared
-machine move by 10% from one minute to the next, ratios measured side by side move much less.
+Ratios are only ever computed between cases of the same round of one invocation: absolute times
+on a shared machine move by 10-20% from one minute to the next, ratios measured side by side move
+much less. The noise floor (the same model timed in two processes) says how much less.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .cases import RATIOS, SAME_OUTPUT
+from .cases import NOISE_FLOOR, SAME_OUTPUT
 from .markdown import render
-
-TIME_METRICS = {"infer": ("forward", "generate"), "train": ("step",)}
+from .rounds import Results, combine_case, round_ratios
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -33,20 +33,28 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def suite_report(suite: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    ok = {name: r for name, r in results.items() if "error" not in r}
-    return {"cases": results, "ratios": _ratios(suite, ok), "checks": _checks(suite, ok)}
+def suite_report(suite: str, rounds: list[Results]) -> dict[str, Any]:
+    """Cases combined over rounds, per-round ratios, the noise floor and the output checks."""
+    names = list(rounds[0])
+    cases = {name: combine_case(suite, [results[name] for results in rounds]) for name in names}
+    ok = {name: r for name, r in cases.items() if "error" not in r}
+    ratios = round_ratios(suite, rounds)
+    return {
+        "rounds": len(rounds),
+        "cases": cases,
+        "ratios": ratios,
+        "noise_floor": _noise_floor(suite, ratios),
+        "checks": _checks(suite, ok),
+    }
 
 
-def _ratios(suite: str, ok: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """numerator/denominator of each time median and of peak RSS, where both cases ran."""
-    ratios = {}
-    for num, den in RATIOS[suite]:
-        if num in ok and den in ok:
-            entry = {m: ok[num][m]["median_s"] / ok[den][m]["median_s"] for m in TIME_METRICS[suite]}
-            entry["peak_rss"] = ok[num]["peak_rss_mb"] / ok[den]["peak_rss_mb"]
-            ratios[f"{num}/{den}"] = entry
-    return ratios
+def _noise_floor(suite: str, ratios: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The ratio between two processes running the same model: how far from 1 noise alone goes."""
+    pair = NOISE_FLOOR.get(suite)
+    name = f"{pair[0]}/{pair[1]}" if pair else None
+    if name is None or name not in ratios:
+        return None
+    return {"ratio": name, **ratios[name]}
 
 
 def _checks(suite: str, ok: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Run the selected cases, one child process each, and assemble the report.
+"""Run the selected cases in rounds, one child process per case per round; assemble the report.
 
 The parent imports neither torch nor transformers: it only spawns `python -m lorakit.bench.case`,
 so its own memory and threads never disturb a measurement.
@@ -7,6 +7,7 @@ so its own memory and threads never disturb a measurement.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 from .cases import SUITES, Case, select_cases
 from .report import machine_info, suite_report, write_report
+from .rounds import Results
 
 CASE_TIMEOUT_S = 3600  # a hung case must not hang the whole run
 # OpenMP threads that spin while waiting (the default) lose their time slice to other processes
@@ -39,49 +41,88 @@ def run_bench(
     cases: list[str] | None = None,
     verbose: bool = True,
     jobs: int = 1,
+    rounds: int | None = None,
+    forward_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run a benchmark suite ("infer", "train" or "all") and write JSON + Markdown to `out_dir`.
 
     `model`: None for the default SmolLM2-135M-Instruct, "tiny" for a two-layer random Llama
     (tests), or a local Hugging Face folder. PEFT cases run only if `vs_peft` and peft imports.
+    `rounds` (default 3, 1 for "tiny") runs the whole case list that many times, in alternating
+    order, each case in a fresh process; ratios are taken per round, then their median. `steps`
+    timed iterations per case, `forward_steps` (default 2 x steps) for the cheaper forward.
     Returns the report (also in `out_dir/latest.json`); `report["failed"]` lists failed cases.
     `jobs > 1` runs that many cases at once: only for smoke tests, as they then slow each other.
     """
+    rounds = _default_rounds(model) if rounds is None else rounds
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     with_peft = vs_peft and importlib.util.find_spec("peft") is not None
     selected = select_cases(suite, with_peft, cases)
     machine = machine_info(threads)
     spec = {"model": model, "threads": threads, "warmup": warmup, "steps": steps}
-    results = _run_all(selected, spec, jobs, verbose)
+    spec["forward_steps"] = 2 * steps if forward_steps is None else forward_steps
+    per_round = _run_rounds(selected, spec, rounds, jobs, verbose)
     machine["load_average_after"] = list(os.getloadavg())
     settings = {**spec, "suite": suite, "model": model or "default", "jobs": jobs, "vs_peft": vs_peft}
-    settings.update(peft_cases=with_peft, omp_wait_policy=OMP_WAIT_POLICY)
-    suites = [s for s in SUITES if any(c.suite == s for c in selected)]
+    settings.update(rounds=rounds, peft_cases=with_peft, omp_wait_policy=OMP_WAIT_POLICY)
     report = {
         "settings": settings,
         "machine": machine,
-        "suites": {
-            s: suite_report(s, {c.name: results[c.name] for c in selected if c.suite == s}) for s in suites
-        },
-        "failed": [name for name, result in results.items() if "error" in result],
+        "suites": {s: suite_report(s, _rounds_of(s, selected, per_round)) for s in _suites(selected)},
+        "failed": [c.name for c in selected if any("error" in r[c.name] for r in per_round)],
     }
     report["files"] = write_report(report, Path(out_dir), suite)
     return report
 
 
-def _run_all(
-    selected: list[Case], spec: dict[str, Any], jobs: int, verbose: bool
-) -> dict[str, dict[str, Any]]:
-    """Results by case name, in the order selected, whatever order they finish in."""
-    done = iter(range(1, len(selected) + 1))
+def _default_rounds(model: str | None) -> int:
+    """3 rounds for a real model (a median needs 3); the tiny model is only a smoke test."""
+    return 1 if model == "tiny" else 3
 
-    def run(case: Case) -> dict[str, Any]:
+
+def _suites(selected: list[Case]) -> list[str]:
+    return [s for s in SUITES if any(c.suite == s for c in selected)]
+
+
+def _rounds_of(suite: str, selected: list[Case], per_round: list[Results]) -> list[Results]:
+    """Each round's results for one suite, keyed in the order selected (not the order run)."""
+    names = [c.name for c in selected if c.suite == suite]
+    return [{name: results[name] for name in names} for results in per_round]
+
+
+def round_order(selected: list[Case], index: int) -> list[Case]:
+    """Round `index` (from 0) runs the cases forward if even, backward if odd.
+
+    Reversing means a case that ran just before its partner in one round runs just after it in
+    the next, so a steady drift in the background, or an advantage of going first, cancels out
+    over rounds instead of favouring one side of every ratio.
+    """
+    return list(selected) if index % 2 == 0 else list(reversed(selected))
+
+
+def _run_rounds(
+    selected: list[Case], spec: dict[str, Any], rounds: int, jobs: int, verbose: bool
+) -> list[Results]:
+    """One dict of results per round, each case run once per round in its own process."""
+    total = rounds * len(selected)
+    done = itertools.count(1)
+
+    def run(case: Case, index: int) -> dict[str, Any]:
         result = _run_case({**spec, "case": case.name}, spec["threads"])
+        result["round"] = index + 1
         if verbose:
-            print(f"[{next(done)}/{len(selected)}] {_progress(case, result)}", file=sys.stderr)
+            progress = f"[{next(done)}/{total}] round {index + 1}/{rounds} {_progress(case, result)}"
+            print(progress, file=sys.stderr)
         return result
 
+    per_round = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return dict(zip([c.name for c in selected], pool.map(run, selected), strict=True))
+        for index in range(rounds):
+            order = round_order(selected, index)
+            results = pool.map(run, order, [index] * len(order))
+            per_round.append(dict(zip([c.name for c in order], results, strict=True)))
+    return per_round
 
 
 def _run_case(spec: dict[str, Any], threads: int) -> dict[str, Any]:
