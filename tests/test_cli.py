@@ -149,3 +149,29 @@ def test_rerun_into_a_finished_run_is_refused_before_loading_anything(tmp_path) 
     (tmp_path / "checkpoints" / "step-000002" / "manifest.json").write_text("{}")
     with pytest.raises(SystemExit, match="--resume"):
         main(["train", "--output-dir", str(tmp_path), "--model", str(tmp_path / "no-such-model")])
+
+
+def test_bench_subcommand_writes_json(tmp_path) -> None:
+    main(
+        [
+            "bench",
+            "--model",
+            "tiny",
+            "--cases",
+            "base",
+            "lora_merged",
+            "--no-vs-peft",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--forward-steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert {"base", "lora_merged"} <= set(json.dumps(report).split('"')), "both cases are reported"

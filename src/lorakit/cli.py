@@ -134,17 +134,11 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .bench import main as bench_main
 
-    run_bench(
-        suite=args.suite,
-        vs_peft=args.vs_peft,
-        model=args.model,
-        out_dir=args.out,
-        steps=args.steps,
-        warmup=args.warmup,
-        threads=args.threads,
-    )
+    status = bench_main(args)
+    if status:
+        raise SystemExit(status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,15 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-turn-only", action="store_true")
 
     p = command("bench", cmd_bench, "benchmark speed and memory against Hugging Face PEFT in the same run")
-    p.add_argument("--suite", choices=("infer", "train", "all"), default="infer")
-    p.add_argument(
-        "--vs-peft", action=argparse.BooleanOptionalAction, default=True, help="run PEFT's cases too"
-    )
-    p.add_argument("--model", default=None, help='model folder, or "tiny" for a seconds-long smoke run')
-    p.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown results")
-    p.add_argument("--steps", type=int, default=5, help="timed iterations per case (after warm-up)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2, help="torch threads per case")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
     return parser
 
 
