@@ -31,7 +31,7 @@ from .data import (
     read_examples,
     score_exact_match,
 )
-from .methods import METHODS
+from .methods import METHODS, loraplus_param_groups
 from .train import TrainConfig, Trainer
 from .train import evaluate as ev
 from .train.checkpoint import list_checkpoints
@@ -101,6 +101,12 @@ class RunConfig:
         default=16, metadata=_help("general prompts for the next-token KL against the base model")
     )
     skip_eval: bool = field(default=False, metadata=_help("train only; no before/after evaluation"))
+    loraplus_ratio: float = field(
+        default=0.0,
+        metadata=_help(
+            "LoRA+: B's learning rate = lr * ratio (0 = off; --method loraplus defaults to 16); works with any method that has A/B factors"
+        ),
+    )
     attention: str = field(
         default="auto", metadata=_help("attention kernel: auto (eager on CPU, sdpa on GPU), eager, or sdpa")
     )
@@ -120,8 +126,20 @@ def method_config(cfg: RunConfig) -> Any:
         "use_rslora": cfg.use_rslora,
         "target_modules": _targets(cfg.target_modules),
         "exclude_modules": _targets(cfg.exclude_modules),
+        "loraplus_ratio": cfg.loraplus_ratio or None,
     }
-    return config_cls(**{k: v for k, v in values.items() if k in names})
+    return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def optimizer_groups(
+    model: nn.Module, config: Any, cfg: RunConfig, train_cfg: TrainConfig
+) -> list[dict[str, Any]]:
+    """AdamW groups by role; a method's own lr ratios (LoRA+) or --loraplus-ratio set them."""
+    make_ratios = getattr(config, "lr_ratios", None)
+    ratios = make_ratios() if callable(make_ratios) else {}
+    if cfg.loraplus_ratio and not ratios:
+        return loraplus_param_groups(model, train_cfg.lr, cfg.loraplus_ratio, train_cfg.weight_decay)
+    return api.param_groups(model, train_cfg.lr, train_cfg.weight_decay, ratios)
 
 
 def _targets(spec: str | list[str] | None) -> str | list[str] | None:
@@ -265,7 +283,8 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
     before, reference = _before(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
-    api.apply(model, method_config(cfg))
+    method = method_config(cfg)
+    api.apply(model, method)
     say(api.summary(model))
     trainer = Trainer(
         model,
@@ -273,7 +292,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         train_cfg,
         collate,
         tokenizer.pad_token_id,
-        param_groups=api.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
+        param_groups=optimizer_groups(model, method, cfg, train_cfg),
         hooks=api.training_hooks(model),
         log=say,
     )

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from .lora import LoRAConfig
+from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
     "lora": LoRAConfig,
+    "loraplus": LoRAPlusConfig,
 }
 
 
@@ -30,4 +32,12 @@ def config_from_peft(d: dict[str, Any]) -> Any:
     )
 
 
-__all__ = ["METHODS", "LoRAConfig", "config_from_peft"]
+__all__ = [
+    "METHODS",
+    "LoRAConfig",
+    "LoRAPlusConfig",
+    "config_from_peft",
+    "loraplus_lr_ratios",
+    "loraplus_optimizer",
+    "loraplus_param_groups",
+]
