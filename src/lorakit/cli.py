@@ -113,7 +113,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
         api.load_adapter(model, args.adapter, trainable=False)
         if args.merge:
             api.merge(model)
-    print("lorakit chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
     chat_repl(model, tokenizer, max_new_tokens=args.max_new_tokens)
 
 
