@@ -12,6 +12,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.core.contract import AdaptedLayer
+from lorakit.methods.dora import DoRAConfig
 from lorakit.models import tiny_gpt2, tiny_llama
 
 
@@ -43,6 +44,21 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _random_biases(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """Transformers zero-initialise biases; give them values so "with bias" cases test the bias."""
+
+    def made() -> nn.Module:
+        model = make()
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        return model
+
+    return made
+
+
 CASES = [
     Case("lora-llama-bias", lambda: tiny_llama(bias=True), lambda: lk.LoRAConfig(rank=4, alpha=6)),
     Case(
@@ -59,6 +75,18 @@ CASES = [
         "lora-pissa-llama",
         lambda: tiny_llama(bias=True),
         lambda: lk.LoRAConfig(rank=4, alpha=8, init="pissa"),
+        2e-5,
+    ),
+    Case(
+        "dora-llama-bias",
+        _random_biases(lambda: tiny_llama(bias=True)),
+        lambda: DoRAConfig(rank=4, alpha=6),
+    ),
+    Case("dora-gpt2-conv1d", _random_biases(tiny_gpt2), lambda: DoRAConfig(rank=4, alpha=3, use_rslora=True)),
+    Case(
+        "dora-pissa-llama",
+        _random_biases(lambda: tiny_llama(bias=True)),
+        lambda: DoRAConfig(rank=4, alpha=8, init="pissa"),
         2e-5,
     ),
 ]
@@ -148,7 +176,8 @@ def test_only_declared_parameters_get_gradients(case: Case) -> None:
             assert not p.requires_grad and p.grad is None, name
     groups = lk.param_groups(model, lr=1e-3)
     assert {id(p) for g in groups for p in g["params"]} == declared
-    assert {g["role"] for g in groups} == {"A", "B"}
+    deltas = [m for m in model.modules() if isinstance(m, lk.Delta)]
+    assert {g["role"] for g in groups} == {role.value for d in deltas for role in d.role_parameters()}
 
 
 def test_save_then_load_reproduces_outputs(case: Case, tmp_path) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .dora import DoRAConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
     "lora": LoRAConfig,
+    "dora": DoRAConfig,
     "loraplus": LoRAPlusConfig,
 }
 
@@ -19,13 +21,9 @@ def config_from_peft(d: dict[str, Any]) -> Any:
     """The lorakit config an `adapter_config.json` (PEFT's or ours) describes."""
     peft_type = str(d.get("peft_type", "")).upper()
     if peft_type == "LORA":
-        if d.get("use_dora"):
-            raise ValueError(
-                "this is a DoRA adapter (use_dora: true); DoRA is not in this lorakit version yet"
-            )
         if d.get("alora_invocation_tokens"):
             raise ValueError("this is an aLoRA adapter; aLoRA is not in this lorakit version yet")
-        return LoRAConfig.from_peft_dict(d)
+        return (DoRAConfig if d.get("use_dora") else LoRAConfig).from_peft_dict(d)
     supported = "LORA"
     raise ValueError(
         f"adapter_config.json has peft_type={d.get('peft_type')!r}; this lorakit reads: {supported}"
@@ -34,6 +32,7 @@ def config_from_peft(d: dict[str, Any]) -> Any:
 
 __all__ = [
     "METHODS",
+    "DoRAConfig",
     "LoRAConfig",
     "LoRAPlusConfig",
     "config_from_peft",

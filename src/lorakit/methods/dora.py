@@ -1,0 +1,123 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., ICML 2024, arXiv 2402.09353).
+
+The adapted weight is a trainable magnitude times a LoRA-updated direction:
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_row        m: (out,), initialised to ||W0||_row
+
+The norm is one L2 norm per output unit (a row of the (out, in) weight; the paper's "column norm"
+of W^T) and is detached from the graph, as section 4.3 of the paper suggests. With
+g = m / ||W0 + s B A||_row (shape (out,)) the layer never builds W' in forward:
+
+    y = W0 x + b + (g - 1) * (W0 x) + g * s B A x  =  g * (W0 + s B A) x + b
+
+so merging writes g[:, None] * (W0 + s B A) and keeps the bias as it is (merged == unmerged with a
+bias; this is also what Hugging Face PEFT computes). In eval mode the norm is cached until A, B or
+the base weight change, so unmerged generation costs about as much as LoRA.
+
+Saved as PEFT saves DoRA: `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` and
+`use_dora: true`. PiSSA init works: m is the norm of the original W0, and the saved rank-2r LoRA
+(see lora.py) has the same direction on the original base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.contract import AdaptedLayer, Delta, Role
+from .lora import LoRAConfig, LoRADelta
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """DoRA on linear layers (nn.Linear, GPT-2 Conv1D); the options are LoRA's."""
+
+    def build(self, layer: AdaptedLayer, path: str) -> Delta:
+        if layer.is_embedding:
+            raise ValueError(
+                f"DoRA on embeddings is not supported yet; {path} is an nn.Embedding. "
+                "Leave it out of target_modules or use LoRAConfig for it"
+            )
+        rank, alpha = self.rank_alpha(path)
+        return DoRADelta(layer, rank, self.scaling(rank, alpha), self.dropout, self.init)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        return {**super().to_peft_dict(), "use_dora": True}
+
+
+NormKey = tuple[Any, ...]
+
+
+class DoRADelta(LoRADelta):
+    """The DoRA branch of one linear layer: LoRA's A and B plus a magnitude per output unit."""
+
+    roles: ClassVar[dict[str, Role]] = {**LoRADelta.roles, "magnitude": Role.MAGNITUDE}
+    peft_keys: ClassVar[dict[str, str]] = {
+        **LoRADelta.peft_keys,
+        "magnitude": "lora_magnitude_vector",
+    }
+
+    def __init__(self, layer: AdaptedLayer, rank: int, scale: float, dropout: float, init: str) -> None:
+        w0_norm = torch.linalg.vector_norm(layer.weight_out_in(), dim=1)  # (out,), before PiSSA edits W0
+        super().__init__(layer, rank, scale, dropout, init)
+        self.magnitude = nn.Parameter(w0_norm)
+        self.register_buffer("merge_norm", None, persistent=False)  # the norm merge divided by
+        self._norm_cache: tuple[NormKey, Tensor] | None = None
+
+    def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
+        g = self.magnitude / self.weight_norm(layer)  # (out,); the norm carries no gradient
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        lora = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (..., out) = s B A x
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # as PEFT: with dropout the rescaled base term sees the same dropped-out input
+            base = F.linear(x, layer.weight_out_in().to(x.dtype))  # (..., out) = W0 x
+        else:
+            bias = layer.bias
+            base = base_out if bias is None else base_out - bias  # (..., out) = W0 x
+        return ((g - 1) * base + g * lora).to(base_out.dtype)  # (..., out)
+
+    def weight_norm(self, layer: AdaptedLayer) -> Tensor:
+        """||W0 + s B A||_row (out,), detached; in eval mode reused until A, B or W0 change."""
+        key = None if self.training else self._cache_key(layer)
+        if key is not None and self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        norm = self._norm(layer.weight_out_in())
+        self._norm_cache = None if key is None else (key, norm)
+        return norm
+
+    def _norm(self, weight: Tensor) -> Tensor:
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            return torch.linalg.vector_norm(weight + self.delta_weight(), dim=1)  # (out,) fp32
+
+    def _cache_key(self, layer: AdaptedLayer) -> NormKey | None:
+        """Storage and in-place version of each input: optimizer steps, copy_, merge and .to()
+        all change it. (Writes through `.data` bypass version counters; call .train() after them.)"""
+        tensors = (layer.base_layer.weight, self.lora_A, self.lora_B)
+        if any(t.is_inference() for t in tensors):
+            return None
+        state = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        return (*state, torch.is_inference_mode_enabled())
+
+    def train(self, mode: bool = True) -> DoRADelta:
+        self._norm_cache = None
+        return super().train(mode)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        self.merge_norm = self._norm(weight)  # kept so that unmerge divides by the very same g
+        g = self.magnitude.detach().float() / self.merge_norm  # (out,)
+        return g[:, None] * (weight + self.delta_weight())  # (out, in)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        if self.merge_norm is None:
+            raise RuntimeError("this DoRA delta has no stored merge norm; it was never merged")
+        g = self.magnitude.detach().float() / self.merge_norm  # (out,)
+        return weight / g[:, None] - self.delta_weight()  # (out, in) = W0
+
+    def export_state(self) -> dict[str, Tensor]:
+        return {**super().export_state(), "lora_magnitude_vector": self.magnitude.detach()}
