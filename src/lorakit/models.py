@@ -329,4 +329,10 @@ def _build_seeded(cls: type[PreTrainedModel], config: object, seed: int) -> PreT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)
+        # transformers initialises biases to zero, which would let tests of bias handling (merge
+        # with a bias, DoRA's rescaling) pass vacuously; give every bias seeded non-zero values.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias") and param.ndim == 1 and "norm" not in name and ".ln_" not in name:
+                    param.normal_(std=0.1)
     return model.eval()

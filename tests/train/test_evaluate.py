@@ -52,7 +52,7 @@ def test_batched_generation_equals_unbatched(make) -> None:
 
 
 def test_generation_is_not_vacuous_and_stops_at_eos() -> None:
-    model = tiny_llama(bias=True)
+    model = tiny_llama()  # this seeded model emits eos early on some of these prompts
     answers = generate_answers(model, TOK, [chat(i) for i in range(6)], max_new_tokens=30)
     assert any(answers) and min(len(a) for a in answers) < 30  # some stopped at eos early
     assert all("<|im_end|>" not in a for a in answers)
@@ -148,9 +148,7 @@ def test_kl_is_zero_for_the_unchanged_model_and_positive_after_a_change() -> Non
     assert ref.top_ids.shape == (sum(len(TOK(p)["input_ids"]) for p in PROMPTS), 16)
     assert next_token_kl(model, TOK, PROMPTS, ref, batch_size=2) == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.add_(
-            0.5 * torch.randn_like(model.model.layers[0].mlp.up_proj.weight)
-        )
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
     assert next_token_kl(model, TOK, PROMPTS, ref, batch_size=2) > 1e-4
 
 
