@@ -249,7 +249,7 @@ def summary(model: nn.Module) -> str:
         state = "active" if name in registry(model).active else "inactive"
         lines.append(
             f"adapter {name!r} ({type(config).__name__}, {state}): {len(deltas)} modules "
-            f"[{', '.join(leaves)}], {n_bytes / 2**20:.2f} MiB"
+            f"[{', '.join(leaves)}], {n_bytes:,} bytes ({n_bytes / 2**20:.2f} MiB)"
         )
     pct = 100.0 * trainable / max(total, 1)
     lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable: {pct:.4f}%")
