@@ -34,7 +34,7 @@ from .data import (
 from .methods import METHODS, loraplus_param_groups
 from .train import TrainConfig, Trainer
 from .train import evaluate as ev
-from .train.checkpoint import list_checkpoints
+from .train.checkpoint import refuse_existing_run
 from .train.optim import autocast_dtype
 
 log = logging.getLogger("lorakit")
@@ -268,12 +268,8 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     """Fine-tune, evaluate before and after, write the adapter, metrics.json and the loss plot."""
     torch.manual_seed(train_cfg.seed)
     out_dir = Path(train_cfg.output_dir)
-    existing = list_checkpoints(out_dir / "checkpoints")
-    if existing and not train_cfg.resume:
-        raise FileExistsError(
-            f"{out_dir} already holds a run (checkpoint {existing[-1][1].name}); pass --resume to "
-            "continue it exactly, or --output-dir for a new run (nothing was overwritten)"
-        )
+    if not train_cfg.resume:  # before the model loads; the trainer checks again for library users
+        refuse_existing_run(out_dir / "checkpoints")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     conversations = read_data(cfg, train_cfg.seed)

@@ -63,6 +63,17 @@ def save_checkpoint(folder: Path, weights: dict[str, Tensor], state: dict[str, A
     atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
+def refuse_existing_run(root: Path) -> None:
+    """A fresh run must not write over another run's checkpoints; raise before anything loads."""
+    existing = list_checkpoints(root)
+    if existing:
+        raise FileExistsError(
+            f"{root} already holds checkpoints (latest {existing[-1][1].name}); pass resume=True "
+            "(--resume) to continue that run exactly, or choose another output_dir (--output-dir); "
+            "nothing was overwritten"
+        )
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
     """(step, folder, complete) for every step-N folder, oldest first."""
     if not root.is_dir():

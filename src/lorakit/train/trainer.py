@@ -311,12 +311,7 @@ class Trainer:
                 return self._restore(folder)
             self._say(f"resume=True but {self.checkpoint_root} has no checkpoint; starting fresh")
         else:
-            existing = ckpt.list_checkpoints(self.checkpoint_root)
-            if existing:
-                raise FileExistsError(
-                    f"{self.checkpoint_root} already holds checkpoints (latest {existing[-1][1].name})"
-                    "; pass resume=True to continue that run, or choose another output_dir"
-                )
+            ckpt.refuse_existing_run(self.checkpoint_root)
         random.seed(self.config.seed)
         torch.manual_seed(self.config.seed)  # dropout; seeds CUDA generators too
         return _Progress(), SampleOrder(len(self.samples), self.config.seed)
