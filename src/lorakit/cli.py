@@ -71,14 +71,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from . import api
-    from .run import api_load, build_data, evaluate, format_table, read_data, split_options
+    from .run import api_load, build_data, eval_autocast, evaluate, format_table, read_data, split_options
     from .train import evaluate as ev
 
     run, train = split_options(_options(args, _run_fields()))
     conversations = read_data(run, train.seed)
     model, tokenizer = api_load(run.model, run.attention)
     _, data = build_data(run, tokenizer, conversations)
-    reference = ev.reference_next_token_logprobs(model, tokenizer, data.prompts) if args.adapter else None
+    reference = (
+        ev.reference_next_token_logprobs(model, tokenizer, data.prompts, autocast_dtype=eval_autocast(model))
+        if args.adapter
+        else None
+    )
     base = None
     if args.adapter:
         base = evaluate(model, tokenizer, data, run) if args.compare_base else None

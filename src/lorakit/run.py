@@ -202,7 +202,7 @@ def evaluate(
     model: nn.Module, tokenizer: Any, data: EvalData, cfg: RunConfig, reference: Any = None
 ) -> dict[str, Any]:
     """Task score and forgetting of `model` as it is now."""
-    amp = autocast_dtype("auto", next(model.parameters()).device)
+    amp = eval_autocast(model)
     started = time.perf_counter()
     match = ev.exact_match(
         model,
@@ -229,6 +229,12 @@ def evaluate(
     out["examples"] = match["examples"]
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+def eval_autocast(model: nn.Module) -> torch.dtype | None:
+    """The evaluation dtype: bf16 autocast where the model's device runs it fast. The KL reference
+    and the later KL must use the same one, so both come from here."""
+    return autocast_dtype("auto", next(model.parameters()).device)
 
 
 def evaluate_merged(
@@ -331,7 +337,7 @@ def _before(model, tokenizer, data, cfg, out_dir, resume, say) -> tuple[dict | N
     cached = out_dir / "metrics_before.json"
     say("evaluating the base model (task score, general-text NLL, KL reference)...")
     reference = ev.reference_next_token_logprobs(
-        model, tokenizer, data.prompts, autocast_dtype=autocast_dtype("auto", torch.device("cpu"))
+        model, tokenizer, data.prompts, autocast_dtype=eval_autocast(model)
     )
     if resume and cached.is_file():
         return json.loads(cached.read_text()), reference
