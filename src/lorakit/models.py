@@ -276,7 +276,7 @@ def tiny_llama(
         attention_bias=bias,
         mlp_bias=bias,
         tie_word_embeddings=tie_word_embeddings,
-        **_tiny_token_ids(),
+        **_tiny_token_ids(vocab_size),
     )
     return _build_seeded(LlamaForCausalLM, config, seed)
 
@@ -288,15 +288,20 @@ def tiny_gpt2(
     n_layer: int = 2,
     n_head: int = 4,
     n_positions: int = 512,
+    dropout: float = 0.1,
 ) -> GPT2LMHeadModel:
-    """A GPT-2 (Conv1D projections with biases, tied embeddings) for tests."""
+    """A GPT-2 (Conv1D projections with biases, tied embeddings) for tests; `dropout` is GPT-2's
+    residual, embedding and attention dropout (its own default, 0.1)."""
     config = GPT2Config(
         vocab_size=vocab_size,
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
         n_positions=n_positions,
-        **_tiny_token_ids(),
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        **_tiny_token_ids(vocab_size),
     )
     return _build_seeded(GPT2LMHeadModel, config, seed)
 
@@ -319,7 +324,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_token_ids() -> dict[str, int]:
+def _tiny_token_ids(vocab_size: int) -> dict[str, int]:
+    """The tiny tokenizer's special ids; a smaller vocabulary (no tokenizer) uses pad 0, bos 1, eos 2."""
+    if vocab_size < TINY_VOCAB:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     im_end = 256 + TINY_SPECIALS.index("<|im_end|>")
     return {"bos_token_id": 256 + 1, "eos_token_id": im_end, "pad_token_id": im_end}
 

@@ -12,45 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+from lorakit import models
 from lorakit.train import TrainConfig
 
 VOCAB = 61
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).float()
+    return models.tiny_llama(seed, vocab_size=VOCAB)
 
 
 def tiny_gpt2(seed: int = 0, dropout: float = 0.1, n_embd: int = 32) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=64,
-        n_embd=n_embd,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return GPT2LMHeadModel(config).float()
+    return models.tiny_gpt2(seed, vocab_size=VOCAB, n_embd=n_embd, dropout=dropout)
 
 
 def make_samples(n: int, seed: int = 0, min_len: int = 5, max_len: int = 16) -> list[dict]:
