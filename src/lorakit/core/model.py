@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import AdaptedLayer, Delta, Role, TrainingHooks
+from .contract import AdaptedLayer, Delta, LayerMethodConfig, Role, TrainingHooks
 from .target import find_targets
 
 
@@ -50,7 +50,7 @@ def _check_name(model: nn.Module, name: str) -> None:
         raise KeyError(f"no adapter named {name!r} on this model; adapters here: {known}")
 
 
-def inject(model: nn.Module, config: Any, adapter_name: str) -> list[str]:
+def inject(model: nn.Module, config: LayerMethodConfig, adapter_name: str) -> list[str]:
     """Wrap the config's target modules and give each a delta named `adapter_name`."""
     if adapter_name in registry(model).configs:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
