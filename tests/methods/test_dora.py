@@ -195,8 +195,7 @@ def test_peft_dora_folder_loads_into_lorakit_with_peft_logits(arch, tmp_path) ->
 
 @pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("init", ["kaiming", "pissa"])
-def test_lorakit_dora_folder_loads_in_peft_without_warnings(arch, init, tmp_path) -> None:
-    peft = pytest.importorskip("peft")
+def test_lorakit_dora_folder_loads_in_peft_without_warnings(arch, init, tmp_path, peft_logits) -> None:
     make, targets = MODELS[arch]
     model = make().eval()
     lk.apply(model, DoRAConfig(rank=4, alpha=6, target_modules=targets, init=init))
@@ -209,9 +208,4 @@ def test_lorakit_dora_folder_loads_in_peft_without_warnings(arch, init, tmp_path
     expected = model(ids).logits
     lk.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
-    messages = [str(w.message) for w in caught]
-    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
-    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(peft_logits(make, tmp_path, ids), expected, atol=1e-5, rtol=0)

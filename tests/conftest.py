@@ -1,0 +1,27 @@
+"""Fixtures shared across test folders (pytest's importlib mode lets tests share no helper module)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def peft_logits() -> Callable[[Callable[[], torch.nn.Module], Path, torch.Tensor], torch.Tensor]:
+    """Load a saved adapter folder with PEFT on a fresh base model; fail on any missing- or
+    unexpected-key warning; return PEFT's logits for `ids`."""
+    peft = pytest.importorskip("peft")
+
+    def load(make_base: Callable[[], torch.nn.Module], folder: Path, ids: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = peft.PeftModel.from_pretrained(make_base(), folder).eval()
+        messages = [str(w.message) for w in caught]
+        assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
+        return loaded(ids).logits
+
+    return load
