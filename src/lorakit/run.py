@@ -296,6 +296,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         tokenizer.pad_token_id,
         param_groups=optimizer_groups(model, method, cfg, train_cfg),
         hooks=api.training_hooks(model),
+        eval_fn=_held_out_loss(data, tokenizer) if train_cfg.eval_every else None,
         log=say,
     )
     result = trainer.train()
@@ -308,6 +309,22 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     say(format_table(before, after))
     say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
     return metrics
+
+
+def _held_out_loss(data: EvalData, tokenizer: Any) -> Any:
+    """The trainer's periodic evaluation (``--eval-every N``): held-out answer NLL, a forward pass
+    only (no generation), so a learning curve costs seconds per point; written to log.jsonl as
+    ``eval_answer_nll``."""
+
+    def held_out(model: nn.Module) -> dict[str, float]:
+        amp = eval_autocast(model)
+        return {
+            "answer_nll": ev.answer_nll(
+                model, data.answer_samples, collate, tokenizer.pad_token_id, autocast_dtype=amp
+            )["nll"]
+        }
+
+    return held_out
 
 
 def api_load(path: str | None, attention: str = "auto") -> tuple[nn.Module, Any]:
@@ -359,6 +376,7 @@ def _metrics(cfg, train_cfg, before, after, result, train, model, adapter_dir, s
             "tokens_per_s": result.tokens_per_s,
             "train_seconds": round(result.elapsed_s, 1),
             "skipped_batches": result.skipped_batches,
+            "held_out_curve": result.evals,
             "skipped_samples": train.skipped,
             "samples": len(train),
             "trainable_params": trainable,
