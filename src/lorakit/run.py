@@ -120,7 +120,8 @@ class RunConfig:
         default=None, metadata=_help("AdaLoRA: rank of every layer at the start (default: 1.5 x target rank)")
     )
     t_init: int | None = field(
-        default=None, metadata=_help("AdaLoRA: steps before the budget starts to fall (default: steps // 10)")
+        default=None,
+        metadata=_help("AdaLoRA: steps before the budget starts to fall (default: max(1, steps // 10))"),
     )
     t_final: int | None = field(
         default=None,

@@ -91,7 +91,7 @@ def test_defaults_follow_the_target_rank_and_the_run_length() -> None:
     assert AdaLoRAConfig().init_rank == 12 and AdaLoRAConfig(target_rank=16).init_rank == 24
     schedule = Schedule.resolve(AdaLoRAConfig(), 150)
     assert (schedule.t_init, schedule.t_final, schedule.delta_t, schedule.final_step) == (15, 45, 5, 105)
-    assert Schedule.resolve(AdaLoRAConfig(), 4) == Schedule(4, 0, 1, 1)
+    assert Schedule.resolve(AdaLoRAConfig(), 4) == Schedule(4, 1, 1, 1)
     with pytest.raises(AdaLoRAScheduleError, match="no step to reallocate"):
         Schedule.resolve(AdaLoRAConfig(t_init=5, t_final=5), 10)
     with pytest.raises(ValueError, match="target_rank <= init_rank"):

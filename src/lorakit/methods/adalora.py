@@ -37,7 +37,7 @@ class AdaLoRAConfig:
 
     Schedule, in optimizer steps of a run of T steps: the budget stays at init for `t_init` steps,
     falls as a cubic to the target at step T - `t_final`, then stays fixed; reallocation runs every
-    `delta_t` steps. Unset (None) values come from T: t_init = T // 10, t_final = 3T // 10,
+    `delta_t` steps. Unset (None) values come from T: t_init = max(1, T // 10), t_final = 3T // 10,
     delta_t = max(1, T // 30); `total_steps` None means the trainer's step count.
     `orth_reg_weight` is gamma (the authors' 0.1; PEFT defaults to 0.5).
     """
@@ -107,8 +107,11 @@ class AdaLoRAConfig:
         `adalora_budget.Schedule`), and `r` is PEFT's placeholder (PEFT ignores it for AdaLoRA)."""
         from .adalora_budget import Schedule
 
-        total = self.total_steps or (self.t_init or 0) + (self.t_final or 0) + 1  # not trained yet
-        schedule = Schedule.resolve(self, total)
+        if self.total_steps is not None:
+            schedule = Schedule.resolve(self, self.total_steps)
+        else:  # never trained: record what was set; PEFT needs total_step > tinit + tfinal
+            t_init, t_final = self.t_init or 0, self.t_final or 0
+            schedule = Schedule(t_init + t_final + 1, t_init, t_final, self.delta_t or 1)
         return {
             "peft_type": self.peft_type,
             "task_type": "CAUSAL_LM",

@@ -11,7 +11,7 @@ all layers) is b0 = sum of init ranks for t <= t_init, then
 
     b(t) = b_T + (b0 - b_T) * (1 - (t - t_init) / (T_f - t_init))^3,    b_T = target_rank * layers
 
-every delta_t steps until T_f, where the final pattern is fixed; after T_f, E is re-masked every
+every delta_t steps until T_f (keeping exactly the b(t) best triplets), where the final pattern is fixed; after T_f, E is re-masked every
 step (the optimizer's momentum would revive masked lambdas). Masking zeroes E only, so a triplet
 can come back at a later reallocation, as in the paper. Scores use the gradients before clipping.
 
@@ -48,7 +48,8 @@ class Schedule:
     @classmethod
     def resolve(cls, config: AdaLoRAConfig, total: int) -> Schedule:
         """Fill unset values from the run length T (see AdaLoRAConfig) and check they fit."""
-        t_init = total // 10 if config.t_init is None else config.t_init
+        # at least 1: the first step's scores are all 0 (E = 0 makes every |w * grad| vanish)
+        t_init = max(1, total // 10) if config.t_init is None else config.t_init
         t_final = (3 * total) // 10 if config.t_final is None else config.t_final
         delta_t = max(1, total // 30) if config.delta_t is None else config.delta_t
         if t_init < 0 or t_final < 0 or delta_t < 1:
@@ -84,7 +85,8 @@ class RankAllocator(TrainingHooks):
         self.deltas: dict[str, AdaLoRADelta] = {
             path: delta for path, _, delta in adapter_deltas(model, adapter_name)
         }
-        self.initial = sum(len(d.slots) for d in self.deltas.values())
+        self.sizes = [len(d.slots) for d in self.deltas.values()]
+        self.initial = sum(self.sizes)
         self.target = config.target_rank * len(self.deltas)
         self.from_pattern = bool(config.rank_pattern)  # built from a saved pattern: allocated already
         self.fixed = False  # the final allocation has happened
@@ -182,14 +184,15 @@ class RankAllocator(TrainingHooks):
         return self.ema_ipt[key] * self.ema_unc[key]
 
     def reallocate(self, budget: int) -> None:
-        """Keep the `budget` highest-scoring triplets over all layers (ties at the threshold are
-        dropped together, as PEFT does) and zero the others' E."""
+        """Keep exactly the `budget` highest-scoring triplets over all layers and zero the others'
+        E. (PEFT drops every triplet tied at its kth-value threshold, which can leave fewer.)"""
         scores = self.scores()
-        drop = self.initial - budget
-        if drop > 0:
-            threshold = torch.kthvalue(torch.cat(list(scores.values())).float().cpu(), drop).values
-            for path, delta in self.deltas.items():
-                delta.mask.copy_(scores[path] > threshold.to(scores[path].device))
+        if budget < self.initial:
+            flat = torch.cat([s.float().cpu() for s in scores.values()])  # (initial,)
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[flat.topk(budget, sorted=False).indices] = True
+            for delta, kept in zip(self.deltas.values(), keep.split(self.sizes), strict=True):
+                delta.mask.copy_(kept)
                 delta.apply_mask()
         self.reallocations += 1
         self.config.rank_pattern = {path: d.kept_slots() for path, d in self.deltas.items()}
