@@ -94,9 +94,7 @@ class RankAllocator(TrainingHooks):
         self.reallocations = 0
         self.ema_ipt: dict[str, Tensor] = {}
         self.ema_unc: dict[str, Tensor] = {}
-
-    def _params(self) -> dict[str, nn.Parameter]:
-        return {
+        self.params: dict[str, nn.Parameter] = {
             f"{path}.{attr}": getattr(delta, attr)
             for path, delta in self.deltas.items()
             for attr in ("lora_A", "lora_E", "lora_B")
@@ -109,25 +107,37 @@ class RankAllocator(TrainingHooks):
         squared: the authors' code and PEFT; the paper writes the square)."""
         if self.config.orth_reg_weight == 0 or not self.deltas:
             return {}
-        norms = []
+        by_shape: dict[torch.Size, list[Tensor]] = {}  # one batched product per shape, not 2 per layer
         for delta in self.deltas.values():
-            for gram in (delta.lora_A @ delta.lora_A.T, delta.lora_B.T @ delta.lora_B):  # (r, r)
-                eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-                norms.append(torch.linalg.matrix_norm(gram - eye))
-        return {"adalora_orth": self.config.orth_reg_weight * torch.stack(norms).mean()}
+            for rows in (delta.lora_A, delta.lora_B.T):  # Q (r, in) and P^T (r, out)
+                by_shape.setdefault(rows.shape, []).append(rows)
+        norms = []
+        for group in by_shape.values():
+            rows = torch.stack(group)  # (n, r, d)
+            gram = rows @ rows.transpose(1, 2)  # (n, r, r)
+            eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+            norms.append(torch.linalg.matrix_norm(gram - eye))  # (n,)
+        return {"adalora_orth": self.config.orth_reg_weight * torch.cat(norms).mean()}
 
     def on_after_backward(self, model: nn.Module, step: int) -> None:
         if self.from_pattern or self.fixed:
             return
         b1, b2 = self.config.beta1, self.config.beta2
-        with torch.no_grad():
-            for key, p in self._params().items():
-                if p.grad is None:
-                    continue
-                ipt = (p * p.grad).abs()
-                ema = self.ema_ipt.get(key, torch.zeros_like(p)).mul_(b1).add_(ipt, alpha=1 - b1)
-                unc = self.ema_unc.get(key, torch.zeros_like(p))
-                self.ema_ipt[key], self.ema_unc[key] = ema, unc.mul_(b2).add_((ipt - ema).abs(), alpha=1 - b2)
+        keys = [k for k, p in self.params.items() if p.grad is not None]
+        if not keys:
+            return
+        with torch.no_grad():  # multi-tensor ops: a handful of kernels, not ~8 per parameter
+            params = [self.params[k] for k in keys]
+            ipt = torch._foreach_mul(params, [p.grad for p in params])  # I = |w * grad|
+            torch._foreach_abs_(ipt)
+            ema = [self.ema_ipt.setdefault(k, torch.zeros_like(p)) for k, p in zip(keys, params, strict=True)]
+            unc = [self.ema_unc.setdefault(k, torch.zeros_like(p)) for k, p in zip(keys, params, strict=True)]
+            torch._foreach_mul_(ema, b1)
+            torch._foreach_add_(ema, ipt, alpha=1 - b1)  # I_bar
+            gap = torch._foreach_sub(ipt, ema)
+            torch._foreach_abs_(gap)
+            torch._foreach_mul_(unc, b2)
+            torch._foreach_add_(unc, gap, alpha=1 - b2)  # U_bar
 
     def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
         if self.from_pattern:
@@ -178,7 +188,7 @@ class RankAllocator(TrainingHooks):
         return out
 
     def _score(self, key: str) -> Tensor:
-        p = self._params()[key]
+        p = self.params[key]
         if key not in self.ema_ipt:
             return torch.zeros_like(p)
         return self.ema_ipt[key] * self.ema_unc[key]
@@ -216,7 +226,7 @@ class RankAllocator(TrainingHooks):
         if state["schedule"] is not None:
             self._start(state["schedule"]["total"])
         self.reallocations, self.fixed = state["reallocations"], state["fixed"]
-        params = self._params()
+        params = self.params
         for path, mask in state["masks"].items():
             self.deltas[path].mask.copy_(mask)
         self.ema_ipt = {k: v.to(params[k].device) for k, v in state["ema_ipt"].items()}
