@@ -252,6 +252,13 @@ def test_run_options_map_to_the_config() -> None:
     )
     assert (custom.init_rank, custom.target_rank, custom.t_init) == (20, 8, 3)
     assert (custom.orth_reg_weight, custom.beta2, custom.t_final) == (0.5, 0.9, None)
+    from lorakit.cli import _options, _run_fields, build_parser
+    from lorakit.run import split_options
+
+    flags = ["train", "--method", "adalora", "--init-rank", "20", "--t-final", "0", "--adalora-beta1", "0.8"]
+    run, _ = split_options(_options(build_parser().parse_args(flags), _run_fields()))
+    parsed = method_config(run)
+    assert (parsed.init_rank, parsed.t_final, parsed.beta1, parsed.target_rank) == (20, 0, 0.8, 16)
 
 
 def test_lorakit_folder_loads_in_peft_with_its_rank_pattern(tmp_path, peft_logits) -> None:
