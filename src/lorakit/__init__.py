@@ -24,7 +24,16 @@ from .api import (
 )
 from .core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
 from .core.state import AdapterLoadError
-from .methods import METHODS, DoRAConfig, LoRAConfig, LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer
+from .methods import (
+    METHODS,
+    AdaLoRAConfig,
+    AdaLoRAScheduleError,
+    DoRAConfig,
+    LoRAConfig,
+    LoRAPlusConfig,
+    loraplus_lr_ratios,
+    loraplus_optimizer,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +47,8 @@ def load_model(path: str | None = None, **kwargs: Any) -> Any:
 
 __all__ = [
     "METHODS",
+    "AdaLoRAConfig",
+    "AdaLoRAScheduleError",
     "DoRAConfig",
     "LoRAPlusConfig",
     "loraplus_lr_ratios",

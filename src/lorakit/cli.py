@@ -1,4 +1,4 @@
-"""`lorakit train | eval | merge | chat | data | bench`: each subcommand only calls library code.
+"""`lorakit train | eval | merge | chat | data | bench | inspect`: each subcommand only calls library code.
 
 Every training option is a field of `RunConfig` or `TrainConfig`; the parser is built from those
 fields, so each flag is also a YAML key (`--config run.yaml`), and flags given on the command line
@@ -155,6 +155,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(render(result), end="")
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .ranks import adapter_ranks, format_ranks, plot_rank_heatmap
+
+    peft_type, rows = adapter_ranks(args.adapter)
+    print(format_ranks(peft_type, rows))
+    if args.plot != "none":
+        plot = Path(args.plot) if args.plot else Path(args.adapter) / "rank_heatmap.png"
+        print(f"heatmap: {plot_rank_heatmap(rows, plot, f'{peft_type} rank per module: {args.adapter}')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .run import RunConfig
     from .train import TrainConfig
@@ -228,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out answer NLL targets (default: the highest mean final held-out NLL of the groups)",
     )
     p.add_argument("--json", action="store_true", help="print the full comparison as JSON")
+
+    p = command("inspect", cmd_inspect, "print the rank per layer of an adapter folder and plot a heatmap")
+    p.add_argument("adapter", help="adapter folder (lorakit or PEFT)")
+    p.add_argument(
+        "--plot", default=None, help="heatmap PNG path (default: ADAPTER/rank_heatmap.png; 'none' to skip)"
+    )
 
     p = command("bench", cmd_bench, "benchmark speed and memory against Hugging Face PEFT in the same run")
     from .bench import add_arguments as add_bench_arguments

@@ -118,6 +118,37 @@ class RunConfig:
     attention: str = field(
         default="auto", metadata=_help("attention kernel: auto (eager on CPU, sdpa on GPU), eager, or sdpa")
     )
+    target_rank: int | None = field(
+        default=None,
+        metadata=_help(
+            "AdaLoRA: average rank per layer at the end (default: --rank, so the final budget is LoRA's)"
+        ),
+    )
+    init_rank: int | None = field(
+        default=None, metadata=_help("AdaLoRA: rank of every layer at the start (default: 1.5 x target rank)")
+    )
+    t_init: int | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: steps before the budget starts to fall (default: max(1, steps // 10))"),
+    )
+    t_final: int | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: last steps trained at the fixed final ranks (default: 3 * steps // 10)"),
+    )
+    delta_t: int | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: reallocate the ranks every N steps (default: steps // 30, >= 1)"),
+    )
+    orth_reg_weight: float | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: weight gamma of the orthogonality penalty on P and Q (default: 0.1)"),
+    )
+    adalora_beta1: float | None = field(
+        default=None, metadata=_help("AdaLoRA: EMA factor of the sensitivity |w * grad| (default: 0.85)")
+    )
+    adalora_beta2: float | None = field(
+        default=None, metadata=_help("AdaLoRA: EMA factor of its uncertainty (default: 0.85)")
+    )
 
 
 def method_config(cfg: RunConfig) -> Any:
@@ -135,6 +166,14 @@ def method_config(cfg: RunConfig) -> Any:
         "target_modules": _targets(cfg.target_modules),
         "exclude_modules": _targets(cfg.exclude_modules),
         "loraplus_ratio": cfg.loraplus_ratio or None,
+        "target_rank": cfg.target_rank or cfg.rank,
+        "init_rank": cfg.init_rank,
+        "t_init": cfg.t_init,
+        "t_final": cfg.t_final,
+        "delta_t": cfg.delta_t,
+        "orth_reg_weight": cfg.orth_reg_weight,
+        "beta1": cfg.adalora_beta1,
+        "beta2": cfg.adalora_beta2,
     }
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 

@@ -74,6 +74,12 @@ CASES = [
         lambda: DoRAConfig(rank=4, alpha=8, init="pissa"),
         2e-5,
     ),
+    Case(
+        "adalora-llama-bias",
+        lambda: tiny_llama(bias=True),
+        lambda: lk.AdaLoRAConfig(target_rank=2, init_rank=4, alpha=32),
+    ),
+    Case("adalora-gpt2-conv1d", tiny_gpt2, lambda: lk.AdaLoRAConfig(target_rank=3, alpha=48)),
 ]
 
 

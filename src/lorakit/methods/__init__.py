@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adalora import AdaLoRAConfig
+from .adalora_budget import AdaLoRAScheduleError, RankAllocator
 from .dora import DoRAConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
@@ -14,6 +16,7 @@ METHODS: dict[str, type] = {
     "lora": LoRAConfig,
     "dora": DoRAConfig,
     "loraplus": LoRAPlusConfig,
+    "adalora": AdaLoRAConfig,
 }
 
 
@@ -24,7 +27,9 @@ def config_from_peft(d: dict[str, Any]) -> Any:
         if d.get("alora_invocation_tokens"):
             raise ValueError("this is an aLoRA adapter; aLoRA is not in this lorakit version yet")
         return (DoRAConfig if d.get("use_dora") else LoRAConfig).from_peft_dict(d)
-    supported = "LORA"
+    if peft_type == "ADALORA":
+        return AdaLoRAConfig.from_peft_dict(d)
+    supported = "LORA, ADALORA"
     raise ValueError(
         f"adapter_config.json has peft_type={d.get('peft_type')!r}; this lorakit reads: {supported}"
     )
@@ -32,6 +37,9 @@ def config_from_peft(d: dict[str, Any]) -> Any:
 
 __all__ = [
     "METHODS",
+    "AdaLoRAConfig",
+    "AdaLoRAScheduleError",
+    "RankAllocator",
     "DoRAConfig",
     "LoRAConfig",
     "LoRAPlusConfig",

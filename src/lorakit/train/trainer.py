@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lorakit.core.model import training_hooks
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import (
     Collate,
@@ -89,13 +90,15 @@ class Trainer:
         collate: Collate = default_collate,
         pad_id: int = 0,
         param_groups: list[dict] | None = None,
-        hooks: Sequence[Any] = (),
+        hooks: Sequence[Any] | None = None,
         eval_fn: EvalFn | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         check_has_loss_tokens(train_samples)
         self.model, self.samples, self.config = model, train_samples, config
-        self.collate, self.pad_id, self.hooks, self.eval_fn = collate, pad_id, list(hooks), eval_fn
+        self.collate, self.pad_id, self.eval_fn = collate, pad_id, eval_fn
+        # None: the hooks of the model's methods (AdaLoRA's budget), so they cannot be forgotten
+        self.hooks = list(training_hooks(model) if hooks is None else hooks)
         self._say = log or _logger.info
         self.device = next(model.parameters()).device
         self.amp_dtype = autocast_dtype(config.precision, self.device)
