@@ -120,6 +120,24 @@ def test_eval_mode_caches_the_norm_until_a_weight_changes(monkeypatch: pytest.Mo
     assert calls[0] == 4
 
 
+def test_without_autograd_the_gains_are_cached_until_any_input_changes(monkeypatch) -> None:
+    model, delta = _adapted()
+    model.eval()
+    calls = _count_norms(delta, monkeypatch)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        model(x)
+        cached = delta.gains(model.proj)
+        assert delta.gains(model.proj)[0] is cached[0] and calls[0] == 1  # reused, not rebuilt
+        for tensor in (delta.magnitude, delta.lora_A, delta.lora_B, model.proj.base_layer.weight):
+            tensor.mul_(1.1)
+            torch.testing.assert_close(model(x), _reference(model, delta, x, True), atol=1e-6, rtol=0)
+    assert calls[0] == 4  # m changes the gains but not the norm
+    y = model(x)  # eval mode with autograd on: m still gets its gradient
+    y.sum().backward()
+    assert delta.magnitude.grad is not None and delta.magnitude.grad.abs().sum() > 0
+
+
 def test_training_mode_recomputes_the_norm_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     model, delta = _adapted()
     model.train()

@@ -11,8 +11,9 @@ g = m / ||W0 + s B A||_row (shape (out,)) the layer never builds W' in forward:
     y = W0 x + b + (g - 1) * (W0 x) + g * s B A x  =  g * (W0 + s B A) x + b
 
 so merging writes g[:, None] * (W0 + s B A) and keeps the bias as it is (merged == unmerged with a
-bias; this is also what Hugging Face PEFT computes). In eval mode the norm is cached until A, B or
-the base weight change, so unmerged generation costs about as much as LoRA.
+bias; this is also what Hugging Face PEFT computes). In eval mode the norm (and, without autograd,
+g itself) is cached until A, B, m or the base weight change, so unmerged generation costs little
+more than LoRA's.
 
 Saved as PEFT saves DoRA: `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` and
 `use_dora: true`. PiSSA init works: m is the norm of the original W0, and the saved rank-2r LoRA
@@ -67,25 +68,41 @@ class DoRADelta(LoRADelta):
         self.magnitude = nn.Parameter(w0_norm)
         self.register_buffer("merge_norm", None, persistent=False)  # the norm merge divided by
         self._norm_cache: tuple[NormKey, Tensor] | None = None
+        self._gain_cache: tuple[NormKey, tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
-        g = self.magnitude / self.weight_norm(layer)  # (out,); the norm carries no gradient
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
-        lora = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (..., out) = s B A x
+        lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out) = B A x, unscaled
         if self.training and not isinstance(self.dropout, nn.Identity):
             # as PEFT: with dropout the rescaled base term sees the same dropped-out input
             base = F.linear(x, layer.weight_out_in().to(x.dtype))  # (..., out) = W0 x
         else:
             bias = layer.bias
             base = base_out if bias is None else base_out - bias  # (..., out) = W0 x
-        return ((g - 1) * base + g * lora).to(base_out.dtype)  # (..., out)
+        g_minus_1, g_scaled = self.gains(layer)  # (out,) each: g - 1 and g * s
+        # (g - 1) * W0 x + g * s * B A x in two element-wise ops (decoding is per-op bound)
+        return torch.addcmul(g_minus_1 * base, g_scaled, lora).to(base_out.dtype)  # (..., out)
+
+    def gains(self, layer: AdaptedLayer) -> tuple[Tensor, Tensor]:
+        """(g - 1, g * s) with g = m / ||W0 + s B A||_row, shape (out,) each.
+
+        Without autograd (generation, evaluation under no_grad) both are cached in eval mode and
+        reused until W0, A, B or m change; otherwise g is rebuilt so m gets its gradient."""
+        cacheable = not self.training and not (torch.is_grad_enabled() and self.magnitude.requires_grad)
+        key = self._cache_key(layer) if cacheable else None
+        if key is not None and self._gain_cache is not None and self._gain_cache[0] == key:
+            return self._gain_cache[1]
+        g = self.magnitude / self.weight_norm(layer)  # (out,); the norm carries no gradient
+        gains = (g - 1, g * self.scale)
+        self._gain_cache = None if key is None else (key, gains)
+        return gains
 
     def weight_norm(self, layer: AdaptedLayer) -> Tensor:
         """||W0 + s B A||_row (out,), detached; in eval mode reused until A, B or W0 change."""
         key = None if self.training else self._cache_key(layer)
-        if key is not None and self._norm_cache is not None and self._norm_cache[0] == key:
+        if key is not None and self._norm_cache is not None and self._norm_cache[0][:-1] == key[:-1]:
             return self._norm_cache[1]
         norm = self._norm(layer.weight_out_in())
         self._norm_cache = None if key is None else (key, norm)
@@ -97,15 +114,16 @@ class DoRADelta(LoRADelta):
 
     def _cache_key(self, layer: AdaptedLayer) -> NormKey | None:
         """Storage and in-place version of each input: optimizer steps, copy_, merge and .to()
-        all change it. (Writes through `.data` bypass version counters; call .train() after them.)"""
-        tensors = (layer.base_layer.weight, self.lora_A, self.lora_B)
+        all change it. (Writes through `.data` bypass version counters; call .train() after them.)
+        The last entry is m's, which the gains depend on and the norm does not."""
+        tensors = (layer.base_layer.weight, self.lora_A, self.lora_B, self.magnitude)
         if any(t.is_inference() for t in tensors):
             return None
         state = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        return (*state, torch.is_inference_mode_enabled())
+        return (torch.is_inference_mode_enabled(), *state)
 
     def train(self, mode: bool = True) -> DoRADelta:
-        self._norm_cache = None
+        self._norm_cache = self._gain_cache = None
         return super().train(mode)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
