@@ -111,3 +111,20 @@ def test_config_validation() -> None:
         lk.LoRAConfig(init="svd")
     with pytest.raises(ValueError, match="rank must be a positive"):
         lk.LoRAConfig(rank=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_adapters_follow_the_models_training_mode(training: bool) -> None:
+    # apply() after model.eval(): dropout in the new adapters must stay off at inference
+    model = tiny_llama()
+    model.train(training)
+    lk.apply(model, lk.LoRAConfig(rank=2, alpha=4, dropout=0.5, target_modules="all-linear"))
+    new_modules = [m for layer in model.modules() if isinstance(layer, AdaptedLayer) for m in layer.modules()]
+    assert new_modules and all(m.training is training for m in new_modules)
+    if not training:
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_()  # B = 0 at init would hide dropout
+            torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)

@@ -63,6 +63,9 @@ def inject(model: nn.Module, config: LayerMethodConfig, adapter_name: str) -> li
             if layer is not module:
                 model.set_submodule(path, layer)
             layer.adapters[adapter_name] = config.build(layer, path)
+            # new modules start in training mode; follow the model's, or adapters on a model put
+            # in eval() before apply() would run dropout (and skip eval caches) at inference
+            layer.train(module.training)
     except Exception:
         delete_adapter(model, adapter_name)
         raise
