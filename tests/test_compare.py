@@ -33,6 +33,8 @@ def test_statistics_and_steps_to_the_default_target(tmp_path: Path) -> None:
     _run(tmp_path, "slow-s0", 0, 0.5, [3.0, 2.0, 1.0])
     _run(tmp_path, "slow-s1", 1, 0.7, [3.0, 1.6, 1.2])
     _run(tmp_path, "fast-s0", 0, 0.9, [1.0, 0.5, 0.4])
+    (tmp_path / "slow-s0.out").write_text("a log beside the run")  # matched by the glob, not a run
+    (tmp_path / "slow-s2").mkdir()  # still training: no metrics.json yet
     groups = parse_groups([f"slow={tmp_path}/slow-s*", f"fast={tmp_path}/fast-s0"])
     result = compare(groups)
     assert result["targets"] == [pytest.approx(1.1)]  # the slow group's mean final loss
@@ -59,6 +61,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         parse_groups(["runs/lora-s0"])
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         load_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no run folder matches"):
+        parse_groups([f"a={tmp_path}/nothing-*"])
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_run(tmp_path)

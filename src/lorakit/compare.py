@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,20 @@ def parse_groups(specs: list[str]) -> dict[str, list[Run]]:
         name, sep, pattern = spec.partition("=")
         if not sep or not name or not pattern:
             raise ValueError(f"expected NAME=GLOB (e.g. lora='runs/lora-s*'), got {spec!r}")
-        paths = sorted({p for part in pattern.split(",") for p in (glob.glob(part) or [part])})
-        groups.setdefault(name, []).extend(load_run(p) for p in paths)
+        paths: set[str] = set()
+        for part in pattern.split(","):
+            matches = glob.glob(part)
+            if not glob.has_magic(part):
+                paths.add(part)  # named outright: must be a finished run (load_run says why not)
+            elif not any(Path(m).is_dir() for m in matches):
+                raise FileNotFoundError(f"no run folder matches {part!r}")
+            else:  # a glob also matches logs and runs still training; only finished runs count
+                for match in matches:
+                    if (Path(match) / "metrics.json").is_file():
+                        paths.add(match)
+                    elif Path(match).is_dir():
+                        print(f"note: skipping {match} (no metrics.json: unfinished?)", file=sys.stderr)
+        groups.setdefault(name, []).extend(load_run(p) for p in sorted(paths))
     return groups
 
 
