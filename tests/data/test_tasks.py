@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any
 
@@ -16,11 +15,9 @@ def diagnosis(messages: list[dict[str, str]]) -> str:
     return messages[0]["content"].split("Diagnosis: ", 1)[1]
 
 
-def test_parsing_is_fast_and_reads_all_chapters() -> None:
+def test_parsing_reads_all_chapters() -> None:
     icd10_chapters.cache_clear()
-    started = time.perf_counter()
     chapters = icd10_chapters()
-    assert time.perf_counter() - started < 3.0
     assert len(chapters) == 22
     assert "Diseases of the nervous system" in chapters
     assert len(chapters["Codes for special purposes"]) < MIN_CODES_PER_CHAPTER
