@@ -25,6 +25,7 @@ from .api import (
 from .core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
 from .core.state import AdapterLoadError
 from .methods import METHODS, DoRAConfig, LoRAConfig, LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer
+from .methods.qlora import QLoRAConfig
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "METHODS",
     "DoRAConfig",
     "LoRAPlusConfig",
+    "QLoRAConfig",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
     "AdaptedLayer",

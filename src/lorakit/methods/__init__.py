@@ -8,12 +8,14 @@ from typing import Any
 from .dora import DoRAConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
+from .qlora import QLoRAConfig
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
     "lora": LoRAConfig,
     "dora": DoRAConfig,
     "loraplus": LoRAPlusConfig,
+    "qlora": QLoRAConfig,
 }
 
 
@@ -35,6 +37,7 @@ __all__ = [
     "DoRAConfig",
     "LoRAConfig",
     "LoRAPlusConfig",
+    "QLoRAConfig",
     "config_from_peft",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
