@@ -184,3 +184,30 @@ def test_bench_subcommand_writes_json(tmp_path) -> None:
     )
     report = json.loads((tmp_path / "latest.json").read_text())
     assert {"base", "lora_merged"} <= set(json.dumps(report).split('"')), "both cases are reported"
+
+
+@needs_model
+def test_base_scores_are_cached_for_the_next_run(tiny_run) -> None:
+    from lorakit.models import cache_root
+
+    before = json.loads((tiny_run / "metrics_before.json").read_text())
+    cached = [json.loads(p.read_text()) for p in (cache_root().parent / "base-eval").glob("*.json")]
+    assert before in cached
+
+
+def test_base_eval_cache_key_changes_with_weights_and_options() -> None:
+    from lorakit.data import EvalItem
+    from lorakit.models import tiny_llama, tiny_tokenizer
+    from lorakit.run import EvalData, RunConfig, base_eval_cache_file
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    items = [EvalItem([{"role": "user", "content": "hi"}], "hello")]
+    data = EvalData(items, [], ["some text"], ["a prompt"])
+    key = base_eval_cache_file(model, tok, data, RunConfig())
+    assert key == base_eval_cache_file(tiny_llama(), tok, data, RunConfig())  # same seed, same weights
+    assert key != base_eval_cache_file(model, tok, data, RunConfig(eval_max_new_tokens=5))
+    other = EvalData([EvalItem(items[0].messages, "bye")], [], data.texts, data.prompts)
+    assert key != base_eval_cache_file(model, tok, other, RunConfig())
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    assert key != base_eval_cache_file(model, tok, data, RunConfig())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import typing
@@ -149,6 +150,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit(status)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare, parse_groups, render
+
+    result = compare(parse_groups(args.groups), args.target_nll)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .run import RunConfig
     from .train import TrainConfig
@@ -207,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--last-turn-only", action="store_true")
+
+    p = command(
+        "compare",
+        cmd_compare,
+        "compare finished runs by method: scores over seeds and steps to a held-out loss",
+    )
+    p.add_argument("groups", nargs="+", metavar="NAME=GLOB", help="e.g. lora='runs/lora-s*' (quote the glob)")
+    p.add_argument(
+        "--target-nll",
+        type=float,
+        nargs="+",
+        default=None,
+        help="held-out answer NLL targets (default: the highest mean final held-out NLL of the groups)",
+    )
+    p.add_argument("--json", action="store_true", help="print the full comparison as JSON")
 
     p = command("bench", cmd_bench, "benchmark speed and memory against Hugging Face PEFT in the same run")
     from .bench import add_arguments as add_bench_arguments

@@ -97,6 +97,30 @@ def test_train_cases_run_and_agree_on_the_first_loss(tmp_path: Path) -> None:
     assert suite["checks"]["lora_fp32 vs peft_lora_fp32"]["first_loss_abs_diff"] < 1e-4
 
 
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_dora_cases_hold_the_same_function_as_peft_dora(tmp_path: Path) -> None:
+    # PEFT sets its magnitude from its own random B at creation; the bench must equalise both,
+    # or the DoRA ratios would compare two different models.
+    report = run_bench(
+        "infer",
+        model="tiny",
+        out_dir=tmp_path,
+        steps=1,
+        warmup=0,
+        threads=1,
+        jobs=2,
+        verbose=False,
+        cases=["dora_unmerged", "peft_dora_unmerged"],
+    )
+    assert report["failed"] == []
+    suite = report["suites"]["infer"]
+    check = suite["checks"]["dora_unmerged vs peft_dora_unmerged"]
+    assert check["logits_max_abs_diff"] < 1e-4 and check["same_generated_tokens"]
+    assert "dora_unmerged/peft_dora_unmerged" in suite["ratios"]
+    stats = {name: case["trainable_params"] for name, case in suite["cases"].items()}
+    assert stats["dora_unmerged"] == stats["peft_dora_unmerged"] > 0
+
+
 def _fake_result(forward_s: float, generate_s: float, rss_mb: float) -> dict:
     timing = {"samples_s": [forward_s], "median_s": forward_s, "min_s": forward_s}
     generate = {
@@ -168,6 +192,7 @@ def test_case_selection() -> None:
         "base",
         "lora_unmerged",
         "lora_merged",
+        "dora_unmerged",
     ]
     all_default = select_cases("all", with_peft=True)
     assert {c.suite for c in all_default} == {"infer", "train"}

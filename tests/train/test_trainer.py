@@ -10,6 +10,7 @@ import torch
 
 from lorakit.train import Trainer
 from lorakit.train.batching import default_collate, loss_token_count, micro_batches
+from lorakit.train.metrics import eval_curves
 
 
 class GradCatcher:
@@ -222,6 +223,10 @@ def test_log_plot_and_result(tiny, make_config) -> None:
     for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed", "loss_tokens"):
         assert all(key in r for r in steps), key
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert eval_curves(records) == {
+        "eval_loss": [(2, 1.5), (4, 1.5)],
+        "eval_exact_match": [(2, 0.25), (4, 0.25)],
+    }
     assert evals == [False, False]  # evaluated in eval mode
     assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
     assert result.steps == 4 and result.final_loss == steps[-1]["loss"]

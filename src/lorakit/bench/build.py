@@ -1,9 +1,10 @@
-"""Build the model a case measures: the base, lorakit's LoRA or PEFT's LoRA, unmerged or merged.
+"""Build the model a case measures: the base, lorakit's or PEFT's LoRA or DoRA, unmerged or merged.
 
 Both libraries get the *same* adapter values: A and B are drawn from one seeded generator, layer
 by layer in module order. B is non-zero (PEFT's and lorakit's default init make B = 0), so the
 adapter path really computes something, and the two libraries must produce the same outputs,
-which the report checks.
+which the report checks. DoRA's magnitude is then set to the base weight's row norms in both
+(PEFT computes it at creation from its own random B, lorakit from the base weight alone).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def prepare(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
         return model, 0
     if case.library == "peft":
         return _prepare_peft(model, case)
-    lk.apply(model, lk.LoRAConfig(rank=RANK, alpha=ALPHA, target_modules="all-linear"))
+    config_type = lk.DoRAConfig if case.method == "dora" else lk.LoRAConfig
+    lk.apply(model, config_type(rank=RANK, alpha=ALPHA, target_modules="all-linear"))
     layers = _fill(_lorakit_pairs(model))
+    if case.method == "dora":
+        _set_magnitudes(_lorakit_magnitudes(model))
     if case.adapter in ("merged", "merged_unloaded"):
         lk.merge(model)
     if case.adapter == "merged_unloaded":
@@ -56,10 +60,13 @@ def _prepare_peft(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
         lora_dropout=0.0,
         target_modules="all-linear",
         init_lora_weights=False,
+        use_dora=case.method == "dora",
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     layers = _fill(_peft_pairs(peft_model))
+    if case.method == "dora":
+        _set_magnitudes(_peft_magnitudes(peft_model))
     if case.adapter == "merged":
         return peft_model.merge_and_unload(), layers
     return peft_model, layers
@@ -81,6 +88,29 @@ def _peft_pairs(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
         if isinstance(module, LoraLayer):
             for name in module.lora_A:
                 yield module.lora_A[name].weight, module.lora_B[name].weight
+
+
+def _lorakit_magnitudes(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(magnitude, base weight) of every DoRA layer."""
+    for module in model.modules():
+        if isinstance(module, lk.AdaptedLayer):
+            for delta in module.adapters.values():
+                yield delta.role_parameters()[lk.Role.MAGNITUDE][0], module.base_layer.weight
+
+
+def _peft_magnitudes(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_magnitude_vector:
+                yield module.lora_magnitude_vector[name].weight, module.get_base_layer().weight
+
+
+def _set_magnitudes(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for magnitude, weight in pairs:
+            magnitude.copy_(weight.float().norm(dim=1).to(magnitude.dtype))
 
 
 def _fill(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> int:

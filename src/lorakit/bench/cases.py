@@ -24,9 +24,10 @@ TRAIN_BATCH, TRAIN_SEQ = 4, 256
 class Case:
     """One measurement, run in its own process.
 
-    `library="peft"` with `adapter="none"` is the plain model measured in a process that imported
-    PEFT: the noise control for the lorakit-vs-PEFT ratios. `loss` (train only): "chunked" is
-    lorakit's chunked causal-LM loss, "model" the model's own `labels=` loss as PEFT users call it.
+        `library="peft"` with `adapter="none"` is the plain model measured in a process that imported
+        PEFT: the noise control for the lorakit-vs-PEFT ratios. `method="dora"` adds DoRA's magnitude
+    vector on top of the same A and B (both libraries start it at the base weight's column norms). `loss` (train only): "chunked" is
+        lorakit's chunked causal-LM loss, "model" the model's own `labels=` loss as PEFT users call it.
     """
 
     name: str
@@ -35,6 +36,7 @@ class Case:
     adapter: Adapter = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     loss: Literal["chunked", "model"] = "model"
+    method: Literal["lora", "dora"] = "lora"
     extra: bool = False  # not run by default; only when named in `cases`
 
 
@@ -48,11 +50,15 @@ CASES: tuple[Case, ...] = (
     Case("peft_base", "infer", "peft"),
     Case("peft_lora_unmerged", "infer", "peft", "unmerged"),
     Case("peft_lora_merged", "infer", "peft", "merged"),
+    Case("dora_unmerged", "infer", "lorakit", "unmerged", method="dora"),
+    Case("peft_dora_unmerged", "infer", "peft", "unmerged", method="dora"),
     Case("lora_merged_unloaded", "infer", "lorakit", "merged_unloaded", extra=True),
     Case("lora_fp32", "train", "lorakit", "unmerged", "fp32", "chunked"),
     Case("peft_lora_fp32", "train", "peft", "unmerged", "fp32", "model"),
     Case("lora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked"),
     Case("peft_lora_bf16", "train", "peft", "unmerged", "bf16", "model"),
+    Case("dora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="dora"),
+    Case("peft_dora_bf16", "train", "peft", "unmerged", "bf16", "model", method="dora"),
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
     Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
 )
@@ -68,6 +74,9 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("base", "peft_base"),
         ("lora_unmerged", "peft_lora_unmerged"),
         ("lora_merged", "peft_lora_merged"),
+        ("dora_unmerged", "base"),
+        ("peft_dora_unmerged", "peft_base"),
+        ("dora_unmerged", "peft_dora_unmerged"),
     ),
     "train": (
         ("lora_fp32", "peft_lora_fp32"),
@@ -76,6 +85,9 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_model_loss_bf16", "peft_lora_bf16"),
         ("lora_bf16", "lora_fp32"),
         ("peft_lora_bf16", "peft_lora_fp32"),
+        ("dora_bf16", "lora_bf16"),
+        ("peft_dora_bf16", "peft_lora_bf16"),
+        ("dora_bf16", "peft_dora_bf16"),
     ),
 }
 
@@ -92,11 +104,13 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_merged_unloaded", "lora_unmerged"),
         ("lora_unmerged", "peft_lora_unmerged"),
         ("peft_lora_merged", "peft_lora_unmerged"),
+        ("dora_unmerged", "peft_dora_unmerged"),
     ),
     "train": (
         ("lora_fp32", "peft_lora_fp32"),
         ("lora_model_loss_fp32", "peft_lora_fp32"),
         ("lora_bf16", "peft_lora_bf16"),
+        ("dora_bf16", "peft_dora_bf16"),
     ),
 }
 

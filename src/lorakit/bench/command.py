@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each case")
-    parser.add_argument("--cases", nargs="+", default=None, help="run only these cases")
+    parser.add_argument(
+        "--cases", nargs="+", default=None, help="run only these cases (space- or comma-separated)"
+    )
     parser.add_argument(
         "--jobs", type=int, default=1, help="cases at once; >1 only for smoke tests (they slow each other)"
     )
@@ -59,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         threads=args.threads,
-        cases=args.cases,
+        cases=[name for item in args.cases for name in item.split(",") if name] if args.cases else None,
         jobs=args.jobs,
         rounds=args.rounds,
         forward_steps=args.forward_steps,

@@ -45,22 +45,33 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     train = [(r["step"], r["task_loss"]) for r in records if "task_loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if _finite(r.get("eval_loss"))]
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    curves = {k: v for k, v in eval_curves(records).items() if k.endswith(("loss", "nll"))}  # nats only
+    for key, points in curves.items():
+        ax.plot(*zip(*points, strict=True), "o-", label=key.removeprefix("eval_").replace("_", " "))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    if train or evals:
+    if train or curves:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def eval_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Every periodic evaluation in the log, by key (``eval_loss``, ``eval_answer_nll``, ...):
+    the (step, value) points with a finite value."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith("eval_") and _finite(value):
+                curves.setdefault(key, []).append((record["step"], float(value)))
+    return curves
 
 
 def _finite(value: Any) -> bool:
