@@ -68,6 +68,17 @@ def test_odd_sizes_partial_blocks_and_dtypes_round_trip() -> None:
         assert rel < 0.12, (shape, rel)
 
 
+@pytest.mark.parametrize("chunk", [64, 192, 1 << 18])  # chunk boundaries inside and past the weight
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_code_times_block_scale_rounded_once(monkeypatch, chunk, dtype) -> None:
+    monkeypatch.setattr("lorakit.quant.nf4.CPU_CHUNK", chunk)
+    q = quantize_nf4(_weight((37, 91)), blocksize=32)  # 105 full blocks and a 7-value tail
+    idx = torch.stack([q.packed >> 4, q.packed & 15], dim=1).reshape(-1)[: q.numel()].long()
+    c1 = q.block_scales().repeat_interleave(32)[: q.numel()]
+    expected = (nf4_code()[idx] * c1).to(dtype).reshape(37, 91)  # fp32 product, one rounding
+    assert torch.equal(dequantize_nf4(q, dtype), expected)
+
+
 def test_bad_input_is_refused() -> None:
     with pytest.raises(TypeError, match="floating-point"):
         quantize_nf4(torch.ones(64, dtype=torch.int32))
