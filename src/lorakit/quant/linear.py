@@ -225,13 +225,38 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
     return names
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (tied tensors once): the model's weight memory."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() in seen:
+def weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, float]:
+    """The frozen base's storage next to the same model with every weight in a `reference_bytes`
+    dtype (2: bf16). Trainable parameters (the adapter) are left out; tied tensors count once.
+
+    `model_*` covers every frozen parameter and the 4-bit layers' buffers; `linear_*` only the
+    layers held in NF4 (their packed codes, scales and bias). Layers left in full precision count
+    at `reference_bytes` per value in both columns, as they would be stored in a bf16 checkpoint.
+    """
+    linear_actual = linear_reference = linear_params = packed_bytes = 0
+    counted: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            n = module.out_features * module.in_features
+            bias = module.bias.numel() if module.bias is not None else 0
+            packed_bytes += module.weight.nbytes
+            linear_actual += module.weight.nbytes + bias * reference_bytes
+            linear_reference += (n + bias) * reference_bytes
+            linear_params += n
+            counted.update(t.data_ptr() for t in [*module.buffers(), *module.parameters()])
+    other = 0
+    for p in model.parameters():
+        if p.requires_grad or p.data_ptr() in counted:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+        counted.add(p.data_ptr())
+        other += p.numel() * reference_bytes
+    model_actual, model_reference = linear_actual + other, linear_reference + other
+    return {
+        "model_bytes": model_actual,
+        "model_reference_bytes": model_reference,
+        "model_ratio": model_actual / model_reference,
+        "linear_bytes": linear_actual,
+        "linear_reference_bytes": linear_reference,
+        "linear_ratio": linear_actual / linear_reference if linear_reference else float("nan"),
+        "linear_bits_per_parameter": 8 * packed_bytes / linear_params if linear_params else float("nan"),
+    }
