@@ -34,6 +34,7 @@ from .methods import (
     loraplus_lr_ratios,
     loraplus_optimizer,
 )
+from .methods.qlora import QLoRAConfig
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "AdaLoRAScheduleError",
     "DoRAConfig",
     "LoRAPlusConfig",
+    "QLoRAConfig",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
     "AdaptedLayer",

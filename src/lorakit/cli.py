@@ -97,11 +97,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from . import api
     from .generate import export_merged
+    from .methods.qlora import quantize_as_trained
+    from .quant.linear import dequantize_model
     from .run import api_load
 
     model, tokenizer = api_load(args.model)
+    if quantize_as_trained(model, args.adapter):  # QLoRA: merge onto the 4-bit base it trained on
+        print("QLoRA adapter: merging onto its NF4 base, dequantized; the output is full precision")
     api.load_adapter(model, args.adapter, trainable=False)
     plain = api.merge_and_unload(model)
+    dequantize_model(plain)  # layers without an adapter, if any were quantized
     out = export_merged(plain, tokenizer, args.out)
     print(
         f"wrote a plain Hugging Face model folder to {out} (load it with AutoModelForCausalLM.from_pretrained)"

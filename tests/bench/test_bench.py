@@ -121,6 +121,51 @@ def test_dora_cases_hold_the_same_function_as_peft_dora(tmp_path: Path) -> None:
     assert stats["dora_unmerged"] == stats["peft_dora_unmerged"] > 0
 
 
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def test_qlora_and_nf4_cases(tmp_path: Path) -> None:
+    # QLoRA's training step next to LoRA's on the same adapter values, its weight memory, and the
+    # NF4 micro-benchmark (a 256 x 256 matrix with the tiny model) against bitsandbytes.
+    cases = ["lora_bf16", "qlora_bf16", "nf4"] + (["bnb_nf4"] if HAS_BNB else [])
+    report = run_bench(
+        "all",
+        model="tiny",
+        out_dir=tmp_path,
+        steps=1,
+        warmup=0,
+        threads=1,
+        jobs=2,
+        verbose=False,
+        cases=cases,
+    )
+    assert report["failed"] == []
+    train = report["suites"]["train"]
+    qlora, lora = train["cases"]["qlora_bf16"], train["cases"]["lora_bf16"]
+    assert qlora["trainable_params"] == lora["trainable_params"] > 0
+    assert abs(qlora["losses"][0] - lora["losses"][0]) < 0.05  # the same model up to NF4 rounding
+    weights = qlora["weights"]
+    assert 4.12 < weights["linear_bits_per_parameter"] < 4.2  # 4.127 plus the tiny tensors' padding
+    assert weights["linear_ratio"] < 0.3 and weights["linear_ratio"] < weights["model_ratio"] < 1
+    assert "weights" not in lora
+    ratio = train["ratios"]["qlora_bf16/lora_bf16"]
+    assert ratio["step"] > 0 and ratio["step_peak_rss"] > 0
+    quant = report["suites"]["quant"]
+    nf4 = quant["cases"]["nf4"]
+    assert (
+        nf4["shape"] == [256, 256] and nf4["quantize"]["median_s"] > 0 and nf4["dequantize"]["median_s"] > 0
+    )
+    assert 8 * nf4["stored_bytes"] / 256**2 < 4.2 and 0.05 < nf4["relative_error"] < 0.15
+    markdown = Path(report["files"]["markdown"]).read_text()
+    assert "Weight memory of qlora_bf16" in markdown and "| nf4 |" in markdown
+    if HAS_BNB:
+        check = quant["checks"]["nf4 vs bnb_nf4"]
+        # both decode the same 4-bit codes; a double-quantized scale may differ by one 8-bit step
+        assert check["dequantized_head_max_abs_diff"] < 1e-3
+        assert quant["cases"]["bnb_nf4"]["stored_bytes"] == nf4["stored_bytes"]
+        assert "nf4/bnb_nf4" in quant["ratios"]
+
+
 def _fake_result(forward_s: float, generate_s: float, rss_mb: float) -> dict:
     timing = {"samples_s": [forward_s], "median_s": forward_s, "min_s": forward_s}
     generate = {
@@ -195,8 +240,10 @@ def test_case_selection() -> None:
         "dora_unmerged",
     ]
     all_default = select_cases("all", with_peft=True)
-    assert {c.suite for c in all_default} == {"infer", "train"}
+    assert {c.suite for c in all_default} == {"infer", "train", "quant"}
     assert not any(c.extra for c in all_default)
+    quant = [c.name for c in select_cases("quant", with_peft=True, with_bnb=True)]
+    assert quant == ["nf4", "bnb_nf4"] and "bnb_nf4" not in [c.name for c in select_cases("quant", True)]
     with pytest.raises(ValueError, match="not in suite"):
         select_cases("infer", with_peft=True, names=["lora_fp32"])
     with pytest.raises(ValueError, match="known cases"):

@@ -14,6 +14,7 @@ import lorakit as lk
 from lorakit.core.contract import AdaptedLayer
 from lorakit.methods.dora import DoRAConfig
 from lorakit.models import tiny_gpt2, tiny_llama
+from lorakit.quant.linear import quantize_model
 
 
 class EmbedMLP(nn.Module):
@@ -80,7 +81,24 @@ CASES = [
         lambda: lk.AdaLoRAConfig(target_rank=2, init_rank=4, alpha=32),
     ),
     Case("adalora-gpt2-conv1d", tiny_gpt2, lambda: lk.AdaLoRAConfig(target_rank=3, alpha=48)),
+    # QLoRA's base is the 4-bit model (so the model is quantized before the battery's "base" is
+    # taken); merging swaps in full precision and unmerge restores the 4-bit layer exactly.
+    Case(
+        "qlora-llama-bias",
+        lambda: _quantized(tiny_llama(bias=True)),
+        lambda: lk.QLoRAConfig(rank=4, alpha=6, compute_dtype="float32"),
+    ),
+    Case(
+        "qlora-gpt2-conv1d",
+        lambda: _quantized(tiny_gpt2()),
+        lambda: lk.QLoRAConfig(rank=4, alpha=3, compute_dtype="float32", blocksize=32),
+    ),
 ]
+
+
+def _quantized(model: nn.Module) -> nn.Module:
+    quantize_model(model, compute_dtype=torch.float32, blocksize=32)
+    return model
 
 
 @pytest.fixture(params=CASES, ids=lambda c: c.id)

@@ -1,4 +1,5 @@
-"""Build the model a case measures: the base, lorakit's or PEFT's LoRA or DoRA, unmerged or merged.
+"""Build the model a case measures: the base, lorakit's or PEFT's LoRA or DoRA, unmerged or merged,
+or lorakit's QLoRA (the base in NF4).
 
 Both libraries get the *same* adapter values: A and B are drawn from one seeded generator, layer
 by layer in module order. B is non-zero (PEFT's and lorakit's default init make B = 0), so the
@@ -39,7 +40,7 @@ def prepare(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
         return model, 0
     if case.library == "peft":
         return _prepare_peft(model, case)
-    config_type = lk.DoRAConfig if case.method == "dora" else lk.LoRAConfig
+    config_type = {"dora": lk.DoRAConfig, "qlora": lk.QLoRAConfig}.get(case.method, lk.LoRAConfig)
     lk.apply(model, config_type(rank=RANK, alpha=ALPHA, target_modules="all-linear"))
     layers = _fill(_lorakit_pairs(model))
     if case.method == "dora":

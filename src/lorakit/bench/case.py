@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .build import adapter_stats, load, prepare
-from .cases import find_case
+from .cases import QUANT_SHAPE, TINY_QUANT_SHAPE, find_case
 from .infer import run_infer
 from .timing import current_rss_mb, peak_rss_mb
 
@@ -25,6 +25,13 @@ from .timing import current_rss_mb, peak_rss_mb
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     case = find_case(spec["case"])
     torch.set_num_threads(int(spec["threads"]))
+    if case.suite == "quant":  # one matrix, no model
+        from .quant import run_quant
+
+        shape = TINY_QUANT_SHAPE if spec.get("model") == "tiny" else QUANT_SHAPE
+        result = run_quant(case, int(spec["warmup"]), int(spec["steps"]), shape)
+        result.update(case=case.name, library=case.library, peak_rss_mb=peak_rss_mb())
+        return {**result, "torch_threads": torch.get_num_threads()}
     start = time.perf_counter()
     model, tokenizer = load(spec.get("model"))
     model, layers = prepare(model, case)
@@ -51,6 +58,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         torch_threads=torch.get_num_threads(),
         **adapter_stats(model),
     )
+    if case.method == "qlora":
+        from lorakit.quant.linear import weight_memory
+
+        result["weights"] = weight_memory(model)
     return result
 
 

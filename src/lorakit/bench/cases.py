@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Library = Literal["none", "lorakit", "peft"]
+Library = Literal["none", "lorakit", "peft", "bitsandbytes"]
 Adapter = Literal["none", "unmerged", "merged", "merged_unloaded"]
 
-SUITES = ("infer", "train")
+SUITES = ("infer", "train", "quant")
 RANK, ALPHA = 16, 32
 FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
 NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
 TRAIN_BATCH, TRAIN_SEQ = 4, 256
+QUANT_SHAPE = (4096, 4096)  # the NF4 quantize / dequantize micro-benchmark
+TINY_QUANT_SHAPE = (256, 256)  # the same with --model tiny (a smoke test)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,9 @@ class Case:
 
         `library="peft"` with `adapter="none"` is the plain model measured in a process that imported
         PEFT: the noise control for the lorakit-vs-PEFT ratios. `method="dora"` adds DoRA's magnitude
-    vector on top of the same A and B (both libraries start it at the base weight's column norms). `loss` (train only): "chunked" is
+    vector on top of the same A and B (both libraries start it at the base weight's column norms);
+        `method="qlora"` puts the same A and B on the base quantized to NF4 (the report adds its weight
+        memory against bf16). `loss` (train only): "chunked" is
         lorakit's chunked causal-LM loss, "model" the model's own `labels=` loss as PEFT users call it.
     """
 
@@ -36,7 +40,7 @@ class Case:
     adapter: Adapter = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     loss: Literal["chunked", "model"] = "model"
-    method: Literal["lora", "dora"] = "lora"
+    method: Literal["lora", "dora", "qlora"] = "lora"
     extra: bool = False  # not run by default; only when named in `cases`
 
 
@@ -61,6 +65,11 @@ CASES: tuple[Case, ...] = (
     Case("peft_dora_bf16", "train", "peft", "unmerged", "bf16", "model", method="dora"),
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
     Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
+    Case("qlora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="qlora"),
+    # quantize + dequantize one QUANT_SHAPE fp32 matrix to NF4 (blocks of 64, double quantization),
+    # dequantizing to bf16, the compute dtype of QLoRA; no model is loaded.
+    Case("nf4", "quant", "lorakit"),
+    Case("bnb_nf4", "quant", "bitsandbytes"),
 )
 
 # (numerator, denominator): computed from medians measured in the same invocation.
@@ -88,7 +97,9 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("dora_bf16", "lora_bf16"),
         ("peft_dora_bf16", "peft_lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
+        ("qlora_bf16", "lora_bf16"),
     ),
+    "quant": (("nf4", "bnb_nf4"),),
 }
 
 # The same model in two processes (the second one imported PEFT): any distance of this ratio from
@@ -112,6 +123,7 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_bf16", "peft_lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
     ),
+    "quant": (("nf4", "bnb_nf4"),),
 }
 
 
@@ -123,8 +135,12 @@ def find_case(name: str) -> Case:
     raise ValueError(f"unknown benchmark case {name!r}; known cases: {known}")
 
 
-def select_cases(suite: str, with_peft: bool, names: list[str] | None = None) -> list[Case]:
-    """The cases to run: the suite's defaults (or exactly `names`), PEFT ones only if wanted."""
+def select_cases(
+    suite: str, with_peft: bool, names: list[str] | None = None, with_bnb: bool = False
+) -> list[Case]:
+    """The cases to run: the suite's defaults (or exactly `names`), PEFT and bitsandbytes ones only
+    if wanted."""
+    skipped = ({"peft"} if not with_peft else set()) | ({"bitsandbytes"} if not with_bnb else set())
     suites = SUITES if suite == "all" else (suite,)
     if any(s not in SUITES for s in suites):
         raise ValueError(f"unknown suite {suite!r}; expected one of: {', '.join(SUITES)}, all")
@@ -133,5 +149,5 @@ def select_cases(suite: str, with_peft: bool, names: list[str] | None = None) ->
         stray = [c.name for c in chosen if c.suite not in suites]
         if stray:
             raise ValueError(f"cases {stray} are not in suite {suite!r}; use suite='all' or drop them")
-        return [c for c in chosen if with_peft or c.library != "peft"]
-    return [c for c in CASES if c.suite in suites and not c.extra and (with_peft or c.library != "peft")]
+        return [c for c in chosen if c.library not in skipped]
+    return [c for c in CASES if c.suite in suites and not c.extra and c.library not in skipped]

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vs-peft",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run the PEFT cases (skipped anyway if peft is not installed)",
+        help="also run the PEFT and bitsandbytes cases (each skipped anyway if not installed)",
     )
     parser.add_argument(
         "--model",

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cases import FORWARD_TOKENS, NEW_TOKENS, TRAIN_BATCH, TRAIN_SEQ
+from .cases import FORWARD_TOKENS, NEW_TOKENS, QUANT_SHAPE, TRAIN_BATCH, TRAIN_SEQ
+from .rounds import TIME_METRICS
 
 
 def render(report: dict[str, Any]) -> str:
     parts = [_header(report)]
     for suite, data in report["suites"].items():
-        parts.append(_infer_table(data["cases"]) if suite == "infer" else _train_table(data["cases"]))
+        parts.append(TABLES[suite](data["cases"]))
+        if suite == "train":
+            parts += [
+                _weights_note(name, r["weights"]) for name, r in data["cases"].items() if "weights" in r
+            ]
         parts.append(_ratio_table(suite, data["ratios"], data.get("rounds", 1)))
         if data.get("noise_floor"):
             parts.append(_noise_floor_note(suite, data["noise_floor"]))
@@ -58,32 +63,75 @@ def _infer_table(cases: dict[str, dict[str, Any]]) -> str:
 def _train_table(cases: dict[str, dict[str, Any]]) -> str:
     rows = [
         f"| case | dtype | loss | s/step ({TRAIN_BATCH}x{TRAIN_SEQ}) | range (s) | per round (s) "
-        "| tokens/s | peak RSS (MB) | trainable params |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tokens/s | peak RSS (MB) | peak RSS of the steps (MB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
         if "error" in r:
-            rows.append(f"| {name} | failed | | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | | |")
             continue
         st = r["step"]
+        steps_rss = f"{r['step_peak_rss_mb']:.0f}" if r.get("step_peak_rss_mb") else ""
         rows.append(
             f"| {name} | {r['dtype']} | {r['loss']} | {st['median_s']:.2f} | {_range(st, 1, 2)} "
-            f"| {_per_round(st, 1, 2)} | {st['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {_per_round(st, 1, 2)} | {st['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {steps_rss} "
             f"| {r['trainable_params']:,} |"
         )
     return "\n".join(rows)
 
 
+def _quant_table(cases: dict[str, dict[str, Any]]) -> str:
+    ok = [r for r in cases.values() if "error" not in r]
+    shape = "x".join(map(str, ok[0]["shape"] if ok else QUANT_SHAPE))
+    rows = [
+        f"| case ({shape} fp32, NF4, blocks of 64, double quant) | quantize (ms) | range (ms) "
+        "| per round (ms) | dequantize to bf16 (ms) | range (ms) | per round (ms) | stored (MB) "
+        "| bits/param | relative error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in cases.items():
+        if "error" in r:
+            rows.append(f"| {name} | failed | | | | | | | | |")
+            continue
+        numel = r["shape"][0] * r["shape"][1]
+        q, d = r["quantize"], r["dequantize"]
+        rows.append(
+            f"| {name} | {q['median_s'] * 1e3:.1f} | {_range(q, 1e3, 1)} | {_per_round(q, 1e3, 1)} "
+            f"| {d['median_s'] * 1e3:.1f} | {_range(d, 1e3, 1)} | {_per_round(d, 1e3, 1)} "
+            f"| {r['stored_bytes'] / 1e6:.2f} | {8 * r['stored_bytes'] / numel:.3f} | {r['relative_error']:.4f} |"
+        )
+    return "\n".join(rows)
+
+
+def _weights_note(name: str, w: dict[str, float]) -> str:
+    return (
+        f"Weight memory of {name}'s frozen base: {_mb(w['model_bytes'])} MB in NF4 against "
+        f"{_mb(w['model_reference_bytes'])} MB in bf16, ratio {w['model_ratio']:.3f} (the layers "
+        f"left in full precision, embeddings and head included, count as bf16 in both); the NF4 linear "
+        f"layers alone: {_mb(w['linear_bytes'])} MB against {_mb(w['linear_reference_bytes'])} "
+        f"MB, ratio {w['linear_ratio']:.3f}, {w['linear_bits_per_parameter']:.3f} bits per weight."
+    )
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.4g}"
+
+
+TABLES = {"infer": _infer_table, "train": _train_table, "quant": _quant_table}
+
+
 def _ratio_table(suite: str, ratios: dict[str, dict[str, Any]], rounds: int) -> str:
     """Median of the per-round ratios, with their min-max over rounds when there are several."""
-    metrics = ("forward", "generate") if suite == "infer" else ("step",)
+    metrics = TIME_METRICS[suite]
     title = f"ratio (median of {rounds} rounds, min–max)" if rounds > 1 else "ratio (same run)"
+    memory = ("peak_rss", "step_peak_rss") if suite == "train" else ("peak_rss",)
+    heads = {"peak_rss": "peak RSS", "step_peak_rss": "peak RSS of the steps"}
     rows = [
-        f"| {title} | " + " | ".join(metrics) + " | peak RSS |",
-        "|---|" + "---|" * (len(metrics) + 1),
+        f"| {title} | " + " | ".join(metrics) + " | " + " | ".join(heads[m] for m in memory) + " |",
+        "|---|" + "---|" * (len(metrics) + len(memory)),
     ]
     for name, entry in ratios.items():
-        cells = " | ".join(_ratio_cell(entry, m) for m in (*metrics, "peak_rss"))
+        cells = " | ".join(_ratio_cell(entry, m) if m in entry else "" for m in (*metrics, *memory))
         rows.append(f"| {name} | {cells} |")
     return "\n".join(rows)
 
@@ -96,7 +144,7 @@ def _ratio_cell(entry: dict[str, Any], metric: str) -> str:
 
 
 def _noise_floor_note(suite: str, floor: dict[str, Any]) -> str:
-    metrics = ("forward", "generate") if suite == "infer" else ("step",)
+    metrics = TIME_METRICS[suite]
     values = ", ".join(f"{m} {_ratio_cell(floor, m)}" for m in metrics)
     return (
         f"Noise floor: {floor['ratio']} = {values}. Both sides are the same model in two processes, "
@@ -139,7 +187,7 @@ def _rounds_note(rounds: int) -> str:
 
 def _steps_note(settings: dict[str, Any]) -> str:
     steps, forward, suite = settings["steps"], settings.get("forward_steps"), settings["suite"]
-    if suite == "train" or forward is None:
+    if suite in ("train", "quant") or forward is None:
         return f"{steps} timed iterations"
     others = "generations" if suite == "infer" else "generations or train steps"
     return f"{forward} timed forwards and {steps} timed {others}"

@@ -28,7 +28,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         "threads": threads,
         "load_average_before": list(os.getloadavg()),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in ("lorakit", "torch", "transformers", "peft")},
+        "versions": {
+            name: _version(name) for name in ("lorakit", "torch", "transformers", "peft", "bitsandbytes")
+        },
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -69,6 +71,10 @@ def _checks(suite: str, ok: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 def _compare(suite: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     if suite == "train":  # the loss before any update: same weights, same batch
         return {"first_loss_abs_diff": abs(a["losses"][0] - b["losses"][0])}
+    if suite == "quant":  # the same matrix decoded by both libraries
+        fa, fb = a["fingerprint"], b["fingerprint"]
+        head = max(abs(x - y) for x, y in zip(fa["head"], fb["head"], strict=True))
+        return {"dequantized_head_max_abs_diff": head, "dequantized_sum_abs_diff": abs(fa["sum"] - fb["sum"])}
     fa, fb = a["fingerprint"], b["fingerprint"]
     diff = max(abs(x - y) for x, y in zip(fa["logits_head"], fb["logits_head"], strict=True))
     return {

@@ -14,7 +14,7 @@ from typing import Any
 from .cases import RATIOS
 
 Results = dict[str, dict[str, Any]]  # case name -> that case's result (or {"error": ...})
-TIME_METRICS = {"infer": ("forward", "generate"), "train": ("step",)}
+TIME_METRICS = {"infer": ("forward", "generate"), "train": ("step",), "quant": ("quantize", "dequantize")}
 
 
 def combine_case(suite: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -30,6 +30,8 @@ def combine_case(suite: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for metric in TIME_METRICS[suite]:
         combined[metric] = _combine_timing([run[metric] for run in ok])
     combined["peak_rss_mb"] = statistics.median(run["peak_rss_mb"] for run in ok)
+    if all("step_peak_rss_mb" in run for run in ok):  # train: the peak over the steps alone
+        combined["step_peak_rss_mb"] = statistics.median(run["step_peak_rss_mb"] for run in ok)
     combined["rounds"] = runs
     if len(ok) < len(runs):
         combined["failed_rounds"] = [i + 1 for i, run in enumerate(runs) if "error" in run]
@@ -76,6 +78,8 @@ def _per_round(suite: str, rounds: list[Results], num: str, den: str) -> dict[st
         for metric in metrics:
             values[metric].append(a[metric]["median_s"] / b[metric]["median_s"])
         values["peak_rss"].append(a["peak_rss_mb"] / b["peak_rss_mb"])
+        if "step_peak_rss_mb" in a and "step_peak_rss_mb" in b:
+            values.setdefault("step_peak_rss", []).append(a["step_peak_rss_mb"] / b["step_peak_rss_mb"])
     return values if values["peak_rss"] else {}
 
 

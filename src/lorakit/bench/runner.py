@@ -46,8 +46,10 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run a benchmark suite ("infer", "train" or "all") and write JSON + Markdown to `out_dir`.
 
+    `suite` "quant" times NF4 quantize / dequantize of one matrix (lorakit vs bitsandbytes).
     `model`: None for the default SmolLM2-135M-Instruct, "tiny" for a two-layer random Llama
-    (tests), or a local Hugging Face folder. PEFT cases run only if `vs_peft` and peft imports.
+    (tests), or a local Hugging Face folder. PEFT cases run only if `vs_peft` and peft imports,
+    bitsandbytes cases only if `vs_peft` and bitsandbytes imports.
     `rounds` (default 3, 1 for "tiny") runs the whole case list that many times, in alternating
     order, each case in a fresh process; ratios are taken per round, then their median. `steps`
     timed iterations per case, `forward_steps` (default 2 x steps) for the cheaper forward.
@@ -58,7 +60,8 @@ def run_bench(
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     with_peft = vs_peft and importlib.util.find_spec("peft") is not None
-    selected = select_cases(suite, with_peft, cases)
+    with_bnb = vs_peft and importlib.util.find_spec("bitsandbytes") is not None
+    selected = select_cases(suite, with_peft, cases, with_bnb)
     machine = machine_info(threads)
     spec = {"model": model, "threads": threads, "warmup": warmup, "steps": steps}
     spec["forward_steps"] = 2 * steps if forward_steps is None else forward_steps
@@ -66,6 +69,7 @@ def run_bench(
     machine["load_average_after"] = list(os.getloadavg())
     settings = {**spec, "suite": suite, "model": model or "default", "jobs": jobs, "vs_peft": vs_peft}
     settings.update(rounds=rounds, peft_cases=with_peft, omp_wait_policy=OMP_WAIT_POLICY)
+    settings["bitsandbytes_cases"] = with_bnb
     report = {
         "settings": settings,
         "machine": machine,
@@ -158,6 +162,9 @@ def _progress(case: Case, result: dict[str, Any]) -> str:
         return f"{case.name}: FAILED ({result['error'].splitlines()[0]})"
     if case.suite == "infer":
         timing = f"forward {result['forward']['median_s'] * 1e3:.1f} ms, generate {result['generate']['median_s']:.2f} s"
+    elif case.suite == "quant":
+        q, d = result["quantize"]["median_s"], result["dequantize"]["median_s"]
+        timing = f"quantize {q * 1e3:.1f} ms, dequantize {d * 1e3:.1f} ms"
     else:
         timing = f"{result['step']['median_s']:.2f} s/step"
     return f"{case.name}: {timing}, peak RSS {result['peak_rss_mb']:.0f} MB ({result['wall_s']:.0f} s)"

@@ -44,11 +44,31 @@ def peak_rss_mb() -> float:
 
 def current_rss_mb() -> float:
     """Resident memory now, from /proc (0.0 where /proc is unavailable)."""
+    return _status_mb("VmRSS") or 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count of this process (Linux `clear_refs` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset_mb() -> float | None:
+    """VmHWM: the peak resident memory since `reset_peak_rss` (or since start); None without /proc."""
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (reported in kB) in MiB."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None

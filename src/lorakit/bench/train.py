@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .cases import TRAIN_BATCH, TRAIN_SEQ, Case
-from .timing import measure
+from .timing import measure, peak_rss_since_reset_mb, reset_peak_rss
 
 LR = 1e-4
 
@@ -40,9 +40,13 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
 
+    reset = reset_peak_rss()  # the training peak, not the model load's (an fp32 model before NF4)
     timing = measure(step, warmup, steps)
     timing["tokens_per_s"] = ids.numel() / timing["median_s"]
-    return {"step": timing, "loss": loss_name, "losses": losses, "batch": list(ids.shape)}
+    result = {"step": timing, "loss": loss_name, "losses": losses, "batch": list(ids.shape)}
+    if reset:
+        result["step_peak_rss_mb"] = peak_rss_since_reset_mb()
+    return result
 
 
 def _batch(model: nn.Module) -> Tensor:

@@ -99,7 +99,10 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
-        self.weight_layout = "out_in" if isinstance(base_layer, nn.Linear) else "in_out"
+        self.weight_layout = _layout(base_layer)
+        # A quantized base (lorakit.quant.Linear4bit) is swapped for its full-precision layer while
+        # merged (merging into 4 bits would re-quantize); the 4-bit original waits here for unmerge.
+        self.register_module("quantized_base", None)
 
     @property
     def in_features(self) -> int:
@@ -119,12 +122,24 @@ class AdaptedLayer(nn.Module):
     def is_embedding(self) -> bool:
         return isinstance(self.base_layer, nn.Embedding)
 
+    @property
+    def is_quantized(self) -> bool:
+        return callable(getattr(self.base_layer, "dequantized_module", None))
+
     def weight_out_in(self) -> Tensor:
         """The base weight as an (out, in) fp32 tensor (a copy-free view where possible)."""
+        if self.is_quantized:
+            return self.base_layer.dequantize(torch.float32)
         w = self.base_layer.weight.detach()
         return (w if self.weight_layout == "out_in" else w.T).float()
 
     def set_weight_out_in(self, weight: Tensor) -> None:
+        if self.is_quantized:
+            raise NotMergeableError(
+                "this layer's base weight is stored in 4 bits; writing into it would re-quantize it. "
+                "lorakit.merge swaps in the full-precision layer for you, or call "
+                "lorakit.quant.dequantize_model(model) first"
+            )
         target = self.base_layer.weight
         value = weight if self.weight_layout == "out_in" else weight.T
         with torch.no_grad():
@@ -154,25 +169,48 @@ class AdaptedLayer(nn.Module):
                 f"merging adapter '{name}' would put NaN or Inf into the base weight; "
                 "nothing was changed (check the adapter's weights for divergence)"
             )
+        if self.is_quantized:
+            self.quantized_base = self.base_layer
+            self._set_base(self.base_layer.dequantized_module(torch.float32))
         self.set_weight_out_in(new)
         self.merged.append(name)
+
+    def _set_base(self, module: nn.Module) -> None:
+        self.base_layer = module
+        self.weight_layout = _layout(module)
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             raise RuntimeError(f"adapter '{name}' is not merged into this layer")
-        self.set_weight_out_in(self.adapters[name].unmerged_weight(self.weight_out_in()))
+        if self.quantized_base is not None and self.merged == [name]:  # back to the exact 4-bit original
+            self._set_base(self.quantized_base)
+            self.quantized_base = None
+        else:
+            self.set_weight_out_in(self.adapters[name].unmerged_weight(self.weight_out_in()))
         self.merged.remove(name)
+
+    def restore_base_weight(self, delta: Delta) -> None:
+        """Undo an init-time edit of the base weight (PiSSA); writes nothing when there was none."""
+        weight = self.weight_out_in()
+        restored = delta.restore_base(weight)
+        if restored is not weight:
+            self.set_weight_out_in(restored)
 
     def unwrap(self) -> nn.Module:
         """The original module: merged deltas are unmerged and init-time base edits undone."""
         for name in list(self.merged):
             self.unmerge(name)
         for delta in self.adapters.values():
-            self.set_weight_out_in(delta.restore_base(self.weight_out_in()))
+            self.restore_base_weight(delta)
         return self.base_layer
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+def _layout(base_layer: nn.Module) -> str:
+    declared = getattr(base_layer, "weight_layout", None)  # quantized layers say so
+    return declared or ("out_in" if isinstance(base_layer, nn.Linear) else "in_out")
 
 
 @runtime_checkable

@@ -98,7 +98,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for path, layer, delta in list(adapter_deltas(model, adapter_name)):
         if adapter_name in layer.merged:
             layer.unmerge(adapter_name)
-        layer.set_weight_out_in(delta.restore_base(layer.weight_out_in()))
+        layer.restore_base_weight(delta)
         del layer.adapters[adapter_name]
         layer.active = [n for n in layer.active if n != adapter_name]
         if not layer.adapters:
@@ -169,7 +169,7 @@ def unload(model: nn.Module) -> nn.Module:
     for path, layer in list(adapted_layers(model)):
         for name, delta in layer.adapters.items():
             if name not in layer.merged:
-                layer.set_weight_out_in(delta.restore_base(layer.weight_out_in()))
+                layer.restore_base_weight(delta)
         model.set_submodule(path, layer.base_layer)
     model.__dict__.pop("_lorakit", None)
     return model

@@ -64,17 +64,29 @@ def save_adapter(
         peft_config = config.to_peft_dict()
         peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
         peft_config["exclude_modules"] = None
-        if any(layer.weight_layout == "in_out" and not layer.is_embedding for _, layer, _ in deltas):
+        if any(_stores_in_out(layer) for _, layer, _ in deltas):
             peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
-        _write_folder(folder, adapter_tensors(model, name), peft_config)
+        make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
+        extra = make_extra() if callable(make_extra) else {}
+        _write_folder(folder, adapter_tensors(model, name), peft_config, extra)
         written.append(folder)
     return written
 
 
-def _write_folder(folder: Path, tensors: dict[str, Tensor], peft_config: dict[str, Any]) -> None:
+def _stores_in_out(layer: Any) -> bool:
+    """GPT-2's Conv1D stores (in, out), also when lorakit.quant holds it in 4 bits as (out, in)."""
+    original_in_out = getattr(layer.base_layer, "from_conv1d", False)
+    return original_in_out or (layer.weight_layout == "in_out" and not layer.is_embedding)
+
+
+def _write_folder(
+    folder: Path, tensors: dict[str, Tensor], peft_config: dict[str, Any], extra: dict[str, str] | None = None
+) -> None:
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    for file_name, content in (extra or {}).items():
+        atomic_write(folder / file_name, lambda tmp, content=content: Path(tmp).write_text(content))
 
 
 def _refuse_pickle(path: Path) -> None:

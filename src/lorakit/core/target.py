@@ -29,6 +29,8 @@ def _conv1d_type() -> type | None:
 
 def is_linear(module: nn.Module) -> bool:
     conv1d = _conv1d_type()
+    if getattr(module, "is_quantized_linear", False):  # lorakit.quant.Linear4bit (core imports no quant)
+        return True
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 

@@ -10,6 +10,7 @@ from .adalora_budget import AdaLoRAScheduleError, RankAllocator
 from .dora import DoRAConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
+from .qlora import QLoRAConfig
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
@@ -17,6 +18,7 @@ METHODS: dict[str, type] = {
     "dora": DoRAConfig,
     "loraplus": LoRAPlusConfig,
     "adalora": AdaLoRAConfig,
+    "qlora": QLoRAConfig,
 }
 
 
@@ -43,6 +45,7 @@ __all__ = [
     "DoRAConfig",
     "LoRAConfig",
     "LoRAPlusConfig",
+    "QLoRAConfig",
     "config_from_peft",
     "loraplus_lr_ratios",
     "loraplus_optimizer",

@@ -68,6 +68,12 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("recompute activations in backward to save memory")
     )
+    optimizer: str = field(
+        default="adamw",
+        metadata=_help(
+            "adamw, or paged_adamw: AdamW states in pinned host memory (CUDA) or a memory-mapped file (CPU), paged in per group at step"
+        ),
+    )
     checkpoint_every: int = field(
         default=50, metadata=_help("save a resumable checkpoint every N steps; 0 = only at the end")
     )
@@ -113,6 +119,8 @@ class TrainConfig:
             p.append(f"schedule={self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             p.append(f"precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in ("adamw", "paged_adamw"):
+            p.append(f"optimizer={self.optimizer!r}; expected adamw or paged_adamw")
         return p
 
     @property

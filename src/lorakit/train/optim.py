@@ -46,9 +46,13 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": params, "weight_decay": weight_decay}]
 
 
-def build_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where this torch/device has one, else the foreach one."""
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "paged_adamw":
+        from lorakit.quant.paged import PagedAdamW
+
+        return PagedAdamW(groups, **kwargs)
     if device.type in ("cpu", "cuda"):
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
