@@ -23,8 +23,17 @@ from .api import (
     unmerge,
 )
 from .core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
+from .core.contract import ModelAdapter
 from .core.state import AdapterLoadError
 from .methods import METHODS, DoRAConfig, LoRAConfig, LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer
+from .methods import (
+    AdapterConfig,
+    BitFitConfig,
+    FullFinetuneConfig,
+    NormTuningConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +47,13 @@ def load_model(path: str | None = None, **kwargs: Any) -> Any:
 
 __all__ = [
     "METHODS",
+    "AdapterConfig",
+    "BitFitConfig",
+    "FullFinetuneConfig",
+    "ModelAdapter",
+    "NormTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "DoRAConfig",
     "LoRAPlusConfig",
     "loraplus_lr_ratios",

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adapter import AdapterConfig
 from .dora import DoRAConfig
+from .inplace import IN_PLACE, BitFitConfig, FullFinetuneConfig, NormTuningConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
+from .prompt import PrefixTuningConfig, PromptTuningConfig
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
     "lora": LoRAConfig,
     "dora": DoRAConfig,
     "loraplus": LoRAPlusConfig,
+    "adapter": AdapterConfig,
+    "prompt": PromptTuningConfig,
+    "prefix": PrefixTuningConfig,
+    "bitfit": BitFitConfig,
+    "norm": NormTuningConfig,
+    "full": FullFinetuneConfig,
 }
 
 
@@ -24,7 +33,12 @@ def config_from_peft(d: dict[str, Any]) -> Any:
         if d.get("alora_invocation_tokens"):
             raise ValueError("this is an aLoRA adapter; aLoRA is not in this lorakit version yet")
         return (DoRAConfig if d.get("use_dora") else LoRAConfig).from_peft_dict(d)
-    supported = "LORA"
+    if peft_type in IN_PLACE:
+        return IN_PLACE[peft_type]()
+    other = {c.peft_type: c for c in (AdapterConfig, PromptTuningConfig, PrefixTuningConfig)}
+    if peft_type in other:
+        return other[peft_type].from_peft_dict(d)
+    supported = ", ".join(["LORA", *other, *IN_PLACE])
     raise ValueError(
         f"adapter_config.json has peft_type={d.get('peft_type')!r}; this lorakit reads: {supported}"
     )
@@ -32,6 +46,12 @@ def config_from_peft(d: dict[str, Any]) -> Any:
 
 __all__ = [
     "METHODS",
+    "AdapterConfig",
+    "BitFitConfig",
+    "FullFinetuneConfig",
+    "NormTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "DoRAConfig",
     "LoRAConfig",
     "LoRAPlusConfig",
