@@ -22,17 +22,21 @@ from .api import (
     unload,
     unmerge,
 )
-from .core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
-from .core.contract import ModelAdapter
+from .core.contract import AdaptedLayer, Delta, ModelAdapter, NotMergeableError, Role, TrainingHooks
 from .core.state import AdapterLoadError
-from .methods import METHODS, DoRAConfig, LoRAConfig, LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer
 from .methods import (
+    METHODS,
     AdapterConfig,
     BitFitConfig,
+    DoRAConfig,
     FullFinetuneConfig,
+    LoRAConfig,
+    LoRAPlusConfig,
     NormTuningConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
+    loraplus_lr_ratios,
+    loraplus_optimizer,
 )
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .io import atomic_write
-from .model import add_adapter, adapter_deltas, delete_adapter, model_adapters, registry, set_active
+from .model import adapter_deltas, add_adapter, delete_adapter, model_adapters, registry, set_active
 from .target import candidates
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,7 +62,9 @@ def save_adapter(
         folder = Path(out_dir) if name == "default" else Path(out_dir) / name
         adapter = dict(model_adapters(model)).get(name)
         if adapter is not None:  # model-level: its own keys (PEFT's "prompt_embeddings") and config
-            tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()}
+            tensors = {
+                k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()
+            }
             _write_folder(folder, tensors, adapter.to_peft_dict())
             written.append(folder)
             continue

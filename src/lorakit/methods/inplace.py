@@ -38,7 +38,9 @@ class InPlaceAdapter(ModelAdapter):
 
     in_weights: ClassVar[bool] = True
 
-    def __init__(self, method: str, role: Role, params: list[tuple[str, nn.Parameter]], keep_original: bool) -> None:
+    def __init__(
+        self, method: str, role: Role, params: list[tuple[str, nn.Parameter]], keep_original: bool
+    ) -> None:
         super().__init__()
         self.method, self.role, self.keep_original = method, role, keep_original
         self.names = [name for name, _ in params]
@@ -132,7 +134,9 @@ class BitFitConfig:
                 f"(lorakit.NormTuningConfig, {norms:,} parameters here), or use a method that adds "
                 "parameters (LoRA, bottleneck adapters)"
             )
-        attach_model_adapter(model, self, InPlaceAdapter("BitFit", Role.BIAS, params, keep_original=True), name)
+        attach_model_adapter(
+            model, self, InPlaceAdapter("BitFit", Role.BIAS, params, keep_original=True), name
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +156,9 @@ class NormTuningConfig:
                 f"norm tuning found no LayerNorm / RMSNorm module in {type(model).__name__}; "
                 "nothing would train"
             )
-        attach_model_adapter(model, self, InPlaceAdapter("norm tuning", Role.NORM, params, keep_original=True), name)
+        attach_model_adapter(
+            model, self, InPlaceAdapter("norm tuning", Role.NORM, params, keep_original=True), name
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,7 +173,9 @@ class FullFinetuneConfig:
 
     def apply_to(self, model: nn.Module, name: str) -> None:
         params = [(n, p) for n, _, _, p in _unique_parameters(model)]
-        attach_model_adapter(model, self, InPlaceAdapter("full fine-tuning", Role.FULL, params, keep_original=False), name)
+        attach_model_adapter(
+            model, self, InPlaceAdapter("full fine-tuning", Role.FULL, params, keep_original=False), name
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

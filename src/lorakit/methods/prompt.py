@@ -315,7 +315,9 @@ class PrefixTuningConfig:
     def __post_init__(self) -> None:
         _check_common(self.num_virtual_tokens, self.init)
         if self.init == "text":
-            raise ValueError('prefix tuning initialises from "vocab" or "random"; "text" is for prompt tuning')
+            raise ValueError(
+                'prefix tuning initialises from "vocab" or "random"; "text" is for prompt tuning'
+            )
         if self.projection_size < 0:
             raise ValueError(f"projection_size must be >= 0 (0 = no MLP), got {self.projection_size}")
 
@@ -337,4 +339,6 @@ def _check_common(num_virtual_tokens: int, init: str) -> None:
 
 def _check_peft_common(d: dict[str, Any]) -> None:
     if d.get("num_transformer_submodules") not in (None, 1) or d.get("task_type") == "SEQ_2_SEQ_LM":
-        raise ValueError("this prompt-learning adapter is for an encoder-decoder model; lorakit reads decoder-only ones")
+        raise ValueError(
+            "this prompt-learning adapter is for an encoder-decoder model; lorakit reads decoder-only ones"
+        )
