@@ -187,7 +187,7 @@ class PromptAdapter(KVPrefixAdapter):
             "peft_type": "PROMPT_TUNING",
             "token_dim": self.hidden,
             "num_attention_heads": self.decoder.config.num_attention_heads,
-            "prompt_tuning_init": PEFT_INITS[self.config.init],
+            "prompt_tuning_init": PEFT_INITS[self.config.init_from],
             "prompt_tuning_init_text": self.config.init_text,
             "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) or None,
             "tokenizer_kwargs": None,
@@ -207,7 +207,7 @@ class PrefixAdapter(KVPrefixAdapter):
             self.prefix_mlp = nn.Sequential(
                 nn.Linear(kv_dim, config.projection_size), nn.Tanh(), nn.Linear(config.projection_size, width)
             )
-        elif config.init == "vocab":
+        elif config.init_from == "vocab":
             self.__dict__["_decoder"] = _decoder(model)
             ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, n), generator=gen)
             with torch.no_grad():
@@ -259,12 +259,12 @@ class PrefixAdapter(KVPrefixAdapter):
 
 @dataclass
 class PromptTuningConfig:
-    """n virtual tokens before the input. init: "vocab" (embeddings of sampled vocabulary tokens,
+    """n virtual tokens before the input. init_from: "vocab" (embeddings of sampled vocabulary tokens,
     Lester et al.'s better-than-random choice), "text" (the embeddings of `init_text`, cycled or
     cut to n tokens; needs `tokenizer`), or "random" (PEFT's default, N(0, 1))."""
 
     num_virtual_tokens: int = 20
-    init: str = "vocab"
+    init_from: str = "vocab"
     init_text: str | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
     seed: int = 0
@@ -273,15 +273,15 @@ class PromptTuningConfig:
     default_lr: ClassVar[float] = 3e-2  # prompts need a far larger lr than LoRA (Lester: 0.3, Adafactor)
 
     def __post_init__(self) -> None:
-        _check_common(self.num_virtual_tokens, self.init)
-        if self.init == "text" and (not self.init_text or self.tokenizer is None):
-            raise ValueError('init="text" needs init_text and the tokenizer that encodes it')
+        _check_common(self.num_virtual_tokens, self.init_from)
+        if self.init_from == "text" and (not self.init_text or self.tokenizer is None):
+            raise ValueError('init_from="text" needs init_text and the tokenizer that encodes it')
 
     def initial_prompt(self, embedding: Tensor) -> Tensor:
         n, gen = self.num_virtual_tokens, torch.Generator().manual_seed(self.seed)
-        if self.init == "random":
+        if self.init_from == "random":
             return torch.randn(n, embedding.shape[1], generator=gen)
-        if self.init == "text":
+        if self.init_from == "text":
             ids = self.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
             ids = (ids * (n // len(ids) + 1))[:n]  # PEFT's rule: repeat the text, then cut
         else:
@@ -294,27 +294,27 @@ class PromptTuningConfig:
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> PromptTuningConfig:
         _check_peft_common(d)
-        return cls(num_virtual_tokens=int(d["num_virtual_tokens"]), init="random")
+        return cls(num_virtual_tokens=int(d["num_virtual_tokens"]), init_from="random")
 
 
 @dataclass
 class PrefixTuningConfig:
     """Trainable keys/values of n virtual tokens in every layer. `projection_size` > 0 trains them
-    through an MLP (kv_dim -> projection_size -> layers*2*kv_dim, tanh), as Li & Liang do. init
+    through an MLP (kv_dim -> projection_size -> layers*2*kv_dim, tanh), as Li & Liang do. init_from
     (without the MLP): "vocab" (the keys/values the model computes for sampled vocabulary tokens,
     Li & Liang's real-activation init) or "random" (PEFT's N(0, 1))."""
 
     num_virtual_tokens: int = 20
     projection_size: int = 0
-    init: str = "vocab"
+    init_from: str = "vocab"
     seed: int = 0
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     default_lr: ClassVar[float] = 1e-2
 
     def __post_init__(self) -> None:
-        _check_common(self.num_virtual_tokens, self.init)
-        if self.init == "text":
+        _check_common(self.num_virtual_tokens, self.init_from)
+        if self.init_from == "text":
             raise ValueError(
                 'prefix tuning initialises from "vocab" or "random"; "text" is for prompt tuning'
             )
@@ -327,14 +327,14 @@ class PrefixTuningConfig:
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> PrefixTuningConfig:
         _check_peft_common(d)  # with or without PEFT's MLP, the file holds the final prefix
-        return cls(num_virtual_tokens=int(d["num_virtual_tokens"]), init="random")
+        return cls(num_virtual_tokens=int(d["num_virtual_tokens"]), init_from="random")
 
 
 def _check_common(num_virtual_tokens: int, init: str) -> None:
     if num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens}")
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise ValueError(f"init_from must be one of {INITS}, got {init!r}")
 
 
 def _check_peft_common(d: dict[str, Any]) -> None:
