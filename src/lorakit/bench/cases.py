@@ -36,6 +36,8 @@ class Case:
     dtype: Literal["fp32", "bf16"] = "fp32"
     loss: Literal["chunked", "model"] = "model"
     extra: bool = False  # not run by default; only when named in `cases`
+    method: str = "lora"  # infer: another school (build.SCHOOLS), measured against base and merged LoRA
+    batch: int = 1  # infer: rows generated at once (the same prompt repeated)
 
 
 CASES: tuple[Case, ...] = (
@@ -49,6 +51,20 @@ CASES: tuple[Case, ...] = (
     Case("peft_lora_unmerged", "infer", "peft", "unmerged"),
     Case("peft_lora_merged", "infer", "peft", "merged"),
     Case("lora_merged_unloaded", "infer", "lorakit", "merged_unloaded", extra=True),
+    # the other schools (issue 7), batch 1 and 8: `--cases` with SCHOOL_CASES, see docs/methods/schools.md
+    *(
+        Case(f"{name}{suffix}", "infer", library, adapter, extra=True, method=method, batch=batch)
+        for batch, suffix in ((1, ""), (8, "_b8"))
+        for name, library, adapter, method in (
+            ("base", "none", "none", "lora"),
+            ("lora_merged", "lorakit", "merged", "lora"),
+            ("adapter_houlsby", "lorakit", "unmerged", "adapter_houlsby"),
+            ("adapter_pfeiffer", "lorakit", "unmerged", "adapter_pfeiffer"),
+            ("prompt", "lorakit", "unmerged", "prompt"),
+            ("prefix", "lorakit", "unmerged", "prefix"),
+        )
+        if not (batch == 1 and name in ("base", "lora_merged"))  # those two exist above
+    ),
     Case("lora_fp32", "train", "lorakit", "unmerged", "fp32", "chunked"),
     Case("peft_lora_fp32", "train", "peft", "unmerged", "fp32", "model"),
     Case("lora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked"),
@@ -68,6 +84,13 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("base", "peft_base"),
         ("lora_unmerged", "peft_lora_unmerged"),
         ("lora_merged", "peft_lora_merged"),
+        *(
+            (f"{school}{suffix}", f"{ref}{suffix}")
+            for suffix in ("", "_b8")
+            for school in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix")
+            for ref in ("base", "lora_merged")
+        ),
+        ("lora_merged_b8", "base_b8"),
     ),
     "train": (
         ("lora_fp32", "peft_lora_fp32"),
@@ -99,6 +122,22 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_bf16", "peft_lora_bf16"),
     ),
 }
+
+
+SCHOOL_CASES = (
+    "base",
+    "lora_merged",
+    "adapter_houlsby",
+    "adapter_pfeiffer",
+    "prompt",
+    "prefix",
+    "base_b8",
+    "lora_merged_b8",
+    "adapter_houlsby_b8",
+    "adapter_pfeiffer_b8",
+    "prompt_b8",
+    "prefix_b8",
+)
 
 
 def find_case(name: str) -> Case:
