@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from ..core.contract import ModelAdapter, Role
+from ..core.contract import ModelAdapter, NotMergeableError, Role
 from ..core.model import attach_model_adapter, model_adapters
 
 INITS = ("vocab", "text", "random")
@@ -67,6 +67,8 @@ def decoder_kv(decoder: nn.Module, **inputs: Tensor) -> KV:
 class KVPrefixAdapter(ModelAdapter):
     """A per-layer key/value prefix of `num_virtual_tokens`, put into the decoder's cache."""
 
+    method: ClassVar[str] = "prompt/prefix tuning"
+
     def __init__(self, config: Any, model_config: Any, num_virtual_tokens: int) -> None:
         super().__init__()
         self.config, self.num_virtual_tokens = config, num_virtual_tokens
@@ -76,6 +78,13 @@ class KVPrefixAdapter(ModelAdapter):
 
     def prefix_kv(self, batch: int) -> KV:
         raise NotImplementedError
+
+    def merge_error(self) -> NotMergeableError:
+        return NotMergeableError(
+            f"{self.method} cannot be merged: its virtual tokens are extra keys and values in every "
+            "layer, not a change of the weights, so the model keeps computing them (generation pays "
+            f"for {self.num_virtual_tokens} more cached positions); lorakit.disable_adapters gives the base"
+        )
 
     @property
     def decoder(self) -> nn.Module:
@@ -161,6 +170,8 @@ class KVPrefixAdapter(ModelAdapter):
 class PromptAdapter(KVPrefixAdapter):
     """Prompt tuning: n trainable input embeddings, run through the frozen decoder for their K/V."""
 
+    method: ClassVar[str] = "prompt tuning"
+
     def __init__(self, config: PromptTuningConfig, model: nn.Module) -> None:
         super().__init__(config, _decoder(model).config, config.num_virtual_tokens)
         embedding = model.get_input_embeddings().weight.detach()  # (vocab, d)
@@ -196,6 +207,8 @@ class PromptAdapter(KVPrefixAdapter):
 
 class PrefixAdapter(KVPrefixAdapter):
     """Prefix tuning: trainable keys and values in every layer, optionally through an MLP."""
+
+    method: ClassVar[str] = "prefix tuning"
 
     def __init__(self, config: PrefixTuningConfig, model: nn.Module) -> None:
         super().__init__(config, _decoder(model).config, config.num_virtual_tokens)
