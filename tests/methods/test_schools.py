@@ -138,6 +138,20 @@ def test_generate_equals_greedy_full_forward(config) -> None:
     assert not torch.equal(base, out)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_left_padded_batch_generates_what_each_row_generates_alone(make) -> None:
+    """The widened mask keeps pads out and every row sees the prefix (lorakit eval's batches)."""
+    model = lk.apply(make().eval(), lk.PrefixTuningConfig(num_virtual_tokens=N))
+    short, long = _ids(model, 1, 4, seed=1), _ids(model, 1, 7, seed=2)
+    pad = model.config.pad_token_id
+    batch = torch.cat([torch.cat([torch.full((1, 3), pad), short], dim=1), long])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=pad)
+    for row, ids in enumerate((short, long)):
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+        assert torch.equal(out[row, -5:], alone[0, -5:])
+
+
 def test_prompt_trains_through_the_chunked_loss_and_refuses_checkpointing() -> None:
     model = lk.apply(tiny_llama(), lk.PromptTuningConfig(num_virtual_tokens=N)).train()
     ids = _ids(model)
