@@ -10,7 +10,8 @@ from .dora import DoRAConfig
 from .inplace import IN_PLACE, BitFitConfig, FullFinetuneConfig, NormTuningConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
-from .prompt import PrefixTuningConfig, PromptTuningConfig
+from .prefix import PrefixTuningConfig
+from .prompt import PromptTuningConfig
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
