@@ -97,20 +97,27 @@ class KVPrefixAdapter(ModelAdapter):
         kwargs.update(kwargs.pop("kwargs", {}))
         x = kwargs.get("input_ids")
         batch, length = (x if x is not None else kwargs["inputs_embeds"]).shape[:2]
-        n = self.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
         if module.training and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
             raise ValueError(
                 f"{type(self.config).__name__} passes its prefix through the key/value cache, which "
                 "transformers drops under gradient checkpointing; train with gradient_checkpointing off"
             )
+        cache = self._cache_with_prefix(kwargs.get("past_key_values"), batch, module)
+        kwargs["past_key_values"] = cache
+        kwargs["attention_mask"] = self._widen_mask(kwargs.get("attention_mask"), batch, length, cache)
+        if kwargs.get("position_ids") is not None:  # callers count positions without the prefix
+            kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
+        return (), kwargs
+
+    def _cache_with_prefix(self, cache: Any, batch: int, decoder: nn.Module) -> DynamicCache:
+        """An empty (or no) cache gets the prefix; a cache this adapter filled is passed through."""
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(
                 f"prompt/prefix tuning puts its prefix into a DynamicCache; got {type(cache).__name__} "
                 "(generate with the default cache, not cache_implementation='static')"
             )
         if cache is None or cache.get_seq_length() == 0:
-            cache = cache if cache is not None else DynamicCache(config=module.config)
+            cache = cache if cache is not None else DynamicCache(config=decoder.config)
             for layer, (k, v) in enumerate(self.prefix_kv(batch)):
                 cache.update(k, v, layer)
             cache.lorakit_prefix = id(self)
@@ -119,11 +126,7 @@ class KVPrefixAdapter(ModelAdapter):
                 "past_key_values was filled without this prompt/prefix adapter (by the base model or "
                 "another adapter); start generation from an empty cache with the adapter active"
             )
-        kwargs["past_key_values"] = cache
-        kwargs["attention_mask"] = self._widen_mask(kwargs.get("attention_mask"), batch, length, cache)
-        if kwargs.get("position_ids") is not None:  # callers count positions without the prefix
-            kwargs["position_ids"] = kwargs["position_ids"] + n
-        return (), kwargs
+        return cache
 
     def _widen_mask(self, mask: Tensor | None, batch: int, length: int, cache: Any) -> Tensor | None:
         """(batch, seen - n + length) -> (batch, seen + length): the prefix is always attended."""
