@@ -311,8 +311,11 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
-    before, reference = _before(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
     method = method_config(cfg, tokenizer)
+    validate = getattr(method, "validate", None)  # e.g. BitFit on a model without biases
+    if callable(validate):  # fails before the base evaluation (a minute or more), not after
+        validate(model)
+    before, reference = _before(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
     api.apply(model, method)
     say(api.summary(model))
     trainer = Trainer(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -123,7 +123,11 @@ class BitFitConfig:
     peft_type: ClassVar[str] = "BITFIT"
     default_lr: ClassVar[float] = 1e-3  # BitFit's paper searched 1e-4..1e-3 for BERT
 
-    def apply_to(self, model: nn.Module, name: str) -> None:
+    def validate(self, model: nn.Module) -> None:
+        """Raise, before any work, if the model has no bias to train."""
+        self._biases(model)
+
+    def _biases(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         params = [(n, p) for n, _, attr, p in _unique_parameters(model) if attr == "bias"]
         if not params:
             norms = sum(p.numel() for _, m, _, p in _unique_parameters(model) if _is_norm(m))
@@ -134,12 +138,13 @@ class BitFitConfig:
                 f"(lorakit.NormTuningConfig, {norms:,} parameters here), or use a method that adds "
                 "parameters (LoRA, bottleneck adapters)"
             )
+        return params
+
+    def apply_to(self, model: nn.Module, name: str) -> None:
+        params = self._biases(model)
         attach_model_adapter(
             model, self, InPlaceAdapter("BitFit", Role.BIAS, params, keep_original=True), name
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -160,9 +165,6 @@ class NormTuningConfig:
             model, self, InPlaceAdapter("norm tuning", Role.NORM, params, keep_original=True), name
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class FullFinetuneConfig:
@@ -176,9 +178,6 @@ class FullFinetuneConfig:
         attach_model_adapter(
             model, self, InPlaceAdapter("full fine-tuning", Role.FULL, params, keep_original=False), name
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 IN_PLACE = {"BITFIT": BitFitConfig, "NORM_TUNING": NormTuningConfig, "FULL": FullFinetuneConfig}
