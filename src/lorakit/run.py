@@ -53,7 +53,10 @@ class RunConfig:
     model: str | None = field(
         default=None, metadata=_help("local Hugging Face model folder; default: SmolLM2-135M-Instruct")
     )
-    method: str = field(default="lora", metadata=_help("the PEFT method: " + ", ".join(METHODS)))
+    method: str = field(
+        default="lora",
+        metadata=_help("the PEFT method: " + ", ".join(METHODS) + " (each sets its own default --lr)"),
+    )
     rank: int = field(default=16, metadata=_help("LoRA rank r"))
     alpha: float = field(
         default=32.0,
@@ -149,9 +152,22 @@ class RunConfig:
     adalora_beta2: float | None = field(
         default=None, metadata=_help("AdaLoRA: EMA factor of its uncertainty (default: 0.85)")
     )
+    adapter_size: int = field(default=64, metadata=_help("bottleneck adapters: the bottleneck width m"))
+    adapter_placement: str = field(
+        default="houlsby",
+        metadata=_help("bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP)"),
+    )
+    virtual_tokens: int = field(default=20, metadata=_help("prompt / prefix tuning: virtual tokens n"))
+    prompt_init_text: str | None = field(
+        default=None,
+        metadata=_help("prompt tuning: initialise the prompt from this text (default: sampled vocabulary)"),
+    )
+    prefix_projection: int = field(
+        default=0, metadata=_help("prefix tuning: hidden size of the reparameterisation MLP (0 = none)")
+    )
 
 
-def method_config(cfg: RunConfig) -> Any:
+def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
     """The method's config object, built from the run options it understands."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
@@ -174,6 +190,13 @@ def method_config(cfg: RunConfig) -> Any:
         "orth_reg_weight": cfg.orth_reg_weight,
         "beta1": cfg.adalora_beta1,
         "beta2": cfg.adalora_beta2,
+        "size": cfg.adapter_size,
+        "placement": cfg.adapter_placement,
+        "num_virtual_tokens": cfg.virtual_tokens,
+        "init_from": "text" if cfg.prompt_init_text else None,
+        "init_text": cfg.prompt_init_text,
+        "tokenizer": tokenizer,
+        "projection_size": cfg.prefix_projection,
     }
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
@@ -308,7 +331,11 @@ def split_options(values: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
         raise ValueError(f"unknown option(s): {', '.join(unknown)}; see `lorakit train --help`")
     hints = typing.get_type_hints(RunConfig)
     run = RunConfig(**{k: _coerce(v, hints[k]) for k, v in values.items() if k in run_names})
-    return run, TrainConfig.from_dict({k: v for k, v in values.items() if k in train_names})
+    train_values = {k: v for k, v in values.items() if k in train_names}
+    method_lr = getattr(METHODS.get(run.method), "default_lr", None)
+    if "lr" not in train_values and method_lr is not None:  # e.g. prompt tuning 3e-2, full 2e-5
+        train_values["lr"] = method_lr
+    return run, TrainConfig.from_dict(train_values)
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -331,8 +358,11 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
+    method = method_config(cfg, tokenizer)
+    validate = getattr(method, "validate", None)  # e.g. BitFit on a model without biases
+    if callable(validate):  # fails before the base evaluation (a minute or more), not after
+        validate(model)
     before, reference = _before(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
-    method = method_config(cfg)
     api.apply(model, method)
     say(api.summary(model))
     trainer = Trainer(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.bench import add_arguments, run_bench
-from lorakit.bench.cases import CASES, select_cases
+from lorakit.bench.cases import CASES, find_case, select_cases
 from lorakit.bench.report import suite_report
 from lorakit.bench.runner import round_order
 
@@ -259,3 +259,16 @@ def test_cli_arguments() -> None:
     assert (args.rounds, args.forward_steps) == (None, None)  # run_bench picks 3 or 1, and 2 x steps
     args = parser.parse_args(["--rounds", "2", "--forward-steps", "12"])
     assert (args.rounds, args.forward_steps) == (2, 12)
+
+
+def test_school_cases_generate_at_batch_1_and_8() -> None:
+    """The issue-7 infer cases build their method and generate 64 tokens per row (in-process)."""
+    from lorakit.bench.case import run_case
+    from lorakit.bench.cases import SCHOOL_CASES
+
+    assert {find_case(n).batch for n in SCHOOL_CASES} == {1, 8}
+    for name in ("adapter_houlsby_b8", "prompt", "prefix_b8"):
+        spec = {"case": name, "model": "tiny", "threads": 1, "warmup": 0, "steps": 1, "forward_steps": 1}
+        result = run_case(spec)
+        assert result["batch"] == find_case(name).batch and result["adapted_layers"] > 0
+        assert len(result["fingerprint"]["generated_ids"]) == 64

@@ -38,6 +38,9 @@ class Case:
     make_model: Callable[[], nn.Module]
     make_config: Callable[[], Any]
     init_atol: float = 1e-6  # PiSSA re-splits the weight, so "equals the base" is up to rounding
+    mergeable: bool = True  # False: merge raises NotMergeableError and changes nothing
+    starts_at_base: bool = True  # prompt/prefix tuning change the output from the first step
+    unload_restores: bool = True  # in-place methods (BitFit, norm tuning) keep their change on unload
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,34 @@ CASES = [
         lambda: DoRAConfig(rank=4, alpha=6),
     ),
     Case("dora-gpt2-conv1d", tiny_gpt2, lambda: DoRAConfig(rank=4, alpha=3, use_rslora=True)),
+    Case(
+        "adapter-houlsby-llama-bias",
+        lambda: tiny_llama(bias=True),
+        lambda: lk.AdapterConfig(size=6, activation="tanh"),
+        mergeable=False,
+    ),
+    Case(
+        "adapter-pfeiffer-gpt2",
+        tiny_gpt2,
+        lambda: lk.AdapterConfig(size=5, placement="pfeiffer", activation="gelu"),
+        mergeable=False,
+    ),
+    Case(
+        "prompt-llama",
+        tiny_llama,
+        lambda: lk.PromptTuningConfig(num_virtual_tokens=3),
+        mergeable=False,
+        starts_at_base=False,
+    ),
+    Case(
+        "prefix-mlp-gpt2",
+        tiny_gpt2,
+        lambda: lk.PrefixTuningConfig(num_virtual_tokens=3, projection_size=8),
+        mergeable=False,
+        starts_at_base=False,
+    ),
+    Case("bitfit-gpt2", tiny_gpt2, lk.BitFitConfig, mergeable=False, unload_restores=False),
+    Case("norm-llama", tiny_llama, lk.NormTuningConfig, mergeable=False, unload_restores=False),
     Case(
         "dora-pissa-llama",
         lambda: tiny_llama(bias=True),
@@ -120,7 +151,35 @@ def _train_a_little(model: nn.Module) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
+def _declared(model: nn.Module) -> set[int]:
+    """Parameters the methods declare by role (deltas and model-level adapters)."""
+    return {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (lk.Delta, lk.ModelAdapter))
+        for ps in m.role_parameters().values()
+        for p in ps
+    }
+
+
+def _refuses_merge(case: Case, model: nn.Module) -> bool:
+    """For a method that cannot merge: merge raises NotMergeableError and changes nothing."""
+    if case.mergeable:
+        return False
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.NotMergeableError, match="merge"):
+        lk.merge(model)
+    if case.unload_restores:  # unload would drop the adapter, so merge_and_unload refuses too
+        with pytest.raises(lk.NotMergeableError):
+            lk.merge_and_unload(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    return True
+
+
 def test_output_equals_base_at_init(case: Case) -> None:
+    if not case.starts_at_base:
+        pytest.skip("virtual tokens change the output from the start")
     model = case.make_model().eval()
     ids = _ids(model)
     base = _logits(model, ids)
@@ -136,6 +195,9 @@ def test_merged_equals_unmerged_and_unmerge_restores_weights(case: Case) -> None
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     unmerged = _logits(model, ids)
     assert (unmerged - _logits_base(model, ids)).abs().max() > 1e-3, "the adapter should change the output"
+    if _refuses_merge(case, model):
+        torch.testing.assert_close(_logits(model, ids), unmerged, atol=0, rtol=0)
+        return
     lk.merge(model)
     torch.testing.assert_close(_logits(model, ids), unmerged, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="already merged"):
@@ -160,6 +222,11 @@ def test_disabled_adapters_give_the_base_output(case: Case) -> None:
     lk.apply(model, case.make_config())
     _train_a_little(model)
     torch.testing.assert_close(_logits_base(model, ids), base, atol=case.init_atol, rtol=0)
+    if not case.mergeable:
+        tuned = _logits(model, ids)
+        assert (tuned - base).abs().max() > 1e-3
+        torch.testing.assert_close(_logits(model, ids), tuned, atol=0, rtol=0)  # enabled again on exit
+        return
     lk.merge(model)
     merged = _logits(model, ids)
     torch.testing.assert_close(_logits_base(model, ids), base, atol=1e-5, rtol=0)
@@ -171,13 +238,7 @@ def test_only_declared_parameters_get_gradients(case: Case) -> None:
     lk.apply(model, case.make_config())
     _train_a_little(model)
     _logits(model, _ids(model)).square().mean().backward()
-    declared = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, lk.Delta)
-        for ps in m.role_parameters().values()
-        for p in ps
-    }
+    declared = _declared(model)
     for name, p in model.named_parameters():
         if id(p) in declared:
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
@@ -185,7 +246,7 @@ def test_only_declared_parameters_get_gradients(case: Case) -> None:
             assert not p.requires_grad and p.grad is None, name
     groups = lk.param_groups(model, lr=1e-3)
     assert {id(p) for g in groups for p in g["params"]} == declared
-    deltas = [m for m in model.modules() if isinstance(m, lk.Delta)]
+    deltas = [m for m in model.modules() if isinstance(m, (lk.Delta, lk.ModelAdapter))]
     assert {g["role"] for g in groups} == {role.value for d in deltas for role in d.role_parameters()}
 
 
@@ -206,8 +267,11 @@ def test_unload_restores_the_original_model(case: Case) -> None:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     lk.apply(model, case.make_config())
     _train_a_little(model)
-    lk.merge(model)
-    lk.unmerge(model)
+    if case.mergeable:
+        lk.merge(model)
+        lk.unmerge(model)
+    if not case.unload_restores:  # the change is in the weights: delete_adapter gives the base back
+        lk.delete_adapter(model, "default")
     plain = lk.unload(model)
     assert not any(isinstance(m, (AdaptedLayer, lk.Delta)) for m in plain.modules())
     assert plain.state_dict().keys() == original.keys()
@@ -216,6 +280,8 @@ def test_unload_restores_the_original_model(case: Case) -> None:
 
 
 def test_merge_then_unload_keeps_the_adapter_folded_in(case: Case) -> None:
+    if not case.mergeable and case.unload_restores:  # in-place methods run it: unload keeps their change
+        pytest.skip("not mergeable; merge_and_unload's refusal is checked with merge")
     model = case.make_model().eval()
     ids = _ids(model)
     lk.apply(model, case.make_config())
@@ -227,6 +293,8 @@ def test_merge_then_unload_keeps_the_adapter_folded_in(case: Case) -> None:
 
 
 def test_merge_refuses_nan_and_changes_nothing(case: Case) -> None:
+    if not case.mergeable:
+        pytest.skip("not mergeable")
     model = case.make_model().eval()
     lk.apply(model, case.make_config())
     _train_a_little(model)

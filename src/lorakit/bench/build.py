@@ -34,10 +34,27 @@ def load(model: str | None) -> tuple[nn.Module, Any]:
     return lk.load_model(model)
 
 
+# the other schools at their CLI defaults (lorakit train --method adapter|prompt|prefix)
+SCHOOLS = {
+    "adapter_houlsby": lambda: lk.AdapterConfig(placement="houlsby"),
+    "adapter_pfeiffer": lambda: lk.AdapterConfig(placement="pfeiffer"),
+    "prompt": lambda: lk.PromptTuningConfig(),
+    "prefix": lambda: lk.PrefixTuningConfig(),
+}
+
+
 def prepare(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
     """Turn the plain model into what `case` measures: (the module to call, layers adapted)."""
     if case.adapter == "none":
         return model, 0
+    if case.method in SCHOOLS:
+        lk.apply(model, SCHOOLS[case.method]())
+        generator = torch.Generator().manual_seed(SEED)
+        with torch.no_grad():  # adapters start at the base function; make their path compute something
+            for p in model.parameters():
+                if p.requires_grad and not p.any():
+                    p.copy_(torch.randn(p.shape, generator=generator) * B_STD)
+        return model, sum(1 for m in model.modules() if isinstance(m, (lk.AdaptedLayer, lk.ModelAdapter)))
     if case.library == "peft":
         return _prepare_peft(model, case)
     config_type = {"dora": lk.DoRAConfig, "qlora": lk.QLoRAConfig}.get(case.method, lk.LoRAConfig)

@@ -41,7 +41,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     if case.suite == "infer":
         model.eval()
         forward_steps = int(spec.get("forward_steps") or steps)
-        result = run_infer(model, tokenizer, warmup, steps, forward_steps)
+        result = run_infer(model, tokenizer, warmup, steps, forward_steps, case.batch)
     else:
         from .train import run_train  # only train cases need the optimizer and loss imports
 

@@ -26,12 +26,13 @@ TINY_QUANT_SHAPE = (256, 256)  # the same with --model tiny (a smoke test)
 class Case:
     """One measurement, run in its own process.
 
-        `library="peft"` with `adapter="none"` is the plain model measured in a process that imported
-        PEFT: the noise control for the lorakit-vs-PEFT ratios. `method="dora"` adds DoRA's magnitude
-    vector on top of the same A and B (both libraries start it at the base weight's column norms);
-        `method="qlora"` puts the same A and B on the base quantized to NF4 (the report adds its weight
-        memory against bf16). `loss` (train only): "chunked" is
-        lorakit's chunked causal-LM loss, "model" the model's own `labels=` loss as PEFT users call it.
+    `library="peft"` with `adapter="none"` is the plain model measured in a process that imported
+    PEFT: the noise control for the lorakit-vs-PEFT ratios. `method` is what sits on the base:
+    "lora"; "dora" adds DoRA's magnitude vector on top of the same A and B (both libraries start it
+    at the base weight's row norms); "qlora" puts the same A and B on the base quantized to NF4 (the
+    report adds its weight memory against bf16); infer cases of the other schools name one of
+    `build.SCHOOLS`, measured against base and merged LoRA. `loss` (train only): "chunked" is
+    lorakit's chunked causal-LM loss, "model" the model's own `labels=` loss as PEFT users call it.
     """
 
     name: str
@@ -40,8 +41,9 @@ class Case:
     adapter: Adapter = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     loss: Literal["chunked", "model"] = "model"
-    method: Literal["lora", "dora", "qlora"] = "lora"
+    method: str = "lora"
     extra: bool = False  # not run by default; only when named in `cases`
+    batch: int = 1  # infer: rows generated at once (the same prompt repeated)
 
 
 CASES: tuple[Case, ...] = (
@@ -57,6 +59,20 @@ CASES: tuple[Case, ...] = (
     Case("dora_unmerged", "infer", "lorakit", "unmerged", method="dora"),
     Case("peft_dora_unmerged", "infer", "peft", "unmerged", method="dora"),
     Case("lora_merged_unloaded", "infer", "lorakit", "merged_unloaded", extra=True),
+    # the other schools (issue 7), batch 1 and 8: `--cases` with SCHOOL_CASES, see docs/methods/schools.md
+    *(
+        Case(f"{name}{suffix}", "infer", library, adapter, extra=True, method=method, batch=batch)
+        for batch, suffix in ((1, ""), (8, "_b8"))
+        for name, library, adapter, method in (
+            ("base", "none", "none", "lora"),
+            ("lora_merged", "lorakit", "merged", "lora"),
+            ("adapter_houlsby", "lorakit", "unmerged", "adapter_houlsby"),
+            ("adapter_pfeiffer", "lorakit", "unmerged", "adapter_pfeiffer"),
+            ("prompt", "lorakit", "unmerged", "prompt"),
+            ("prefix", "lorakit", "unmerged", "prefix"),
+        )
+        if not (batch == 1 and name in ("base", "lora_merged"))  # those two exist above
+    ),
     Case("lora_fp32", "train", "lorakit", "unmerged", "fp32", "chunked"),
     Case("peft_lora_fp32", "train", "peft", "unmerged", "fp32", "model"),
     Case("lora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked"),
@@ -86,6 +102,13 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("dora_unmerged", "base"),
         ("peft_dora_unmerged", "peft_base"),
         ("dora_unmerged", "peft_dora_unmerged"),
+        *(
+            (f"{school}{suffix}", f"{ref}{suffix}")
+            for suffix in ("", "_b8")
+            for school in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix")
+            for ref in ("base", "lora_merged")
+        ),
+        ("lora_merged_b8", "base_b8"),
     ),
     "train": (
         ("lora_fp32", "peft_lora_fp32"),
@@ -125,6 +148,22 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "quant": (("nf4", "bnb_nf4"),),
 }
+
+
+SCHOOL_CASES = (
+    "base",
+    "lora_merged",
+    "adapter_houlsby",
+    "adapter_pfeiffer",
+    "prompt",
+    "prefix",
+    "base_b8",
+    "lora_merged_b8",
+    "adapter_houlsby_b8",
+    "adapter_pfeiffer_b8",
+    "prompt_b8",
+    "prefix_b8",
+)
 
 
 def find_case(name: str) -> Case:

@@ -20,7 +20,7 @@ LOGITS_HEAD = 16  # how many last-position logits the fingerprint keeps
 
 
 def run_infer(
-    model: nn.Module, tokenizer: Any, warmup: int, steps: int, forward_steps: int
+    model: nn.Module, tokenizer: Any, warmup: int, steps: int, forward_steps: int, batch: int = 1
 ) -> dict[str, Any]:
     """Time `forward_steps` forwards and `steps` generations, all under `inference_mode`.
 
@@ -28,7 +28,7 @@ def run_infer(
     extra samples are cheap, and the forward ratio (merged/base) is the figure that must be tight.
     """
     ids = _forward_ids(model)
-    prompt = _prompt(tokenizer)
+    prompt = {k: v.expand(batch, -1) for k, v in _prompt(tokenizer).items()}  # (batch, T)
     generated: list[torch.Tensor] = []
 
     def forward() -> None:
@@ -53,6 +53,7 @@ def run_infer(
             "generated_ids": new_tokens,
         },
         "prompt_tokens": int(prompt["input_ids"].shape[1]),
+        "batch": batch,
     }
 
 

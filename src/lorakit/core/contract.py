@@ -246,3 +246,71 @@ class TrainingHooks:
 
     def on_train_end(self, model: nn.Module, total_steps: int) -> None:
         pass
+
+
+class ModelAdapter(nn.Module):
+    """A method that acts on the whole model rather than on wrapped layers.
+
+    Two kinds exist: methods that add their own tensors and reach the model through a forward hook
+    (prompt and prefix tuning: key/value prefixes in the cache), and methods that train the base
+    model's own tensors in place (BitFit, norm tuning, full fine-tuning; `in_weights = True`, their
+    change *is* the weights). The adapter lives in the model's `lorakit_adapters` ModuleDict, so its
+    own parameters are model parameters that the trainer and checkpoints see by name. `core.model`
+    calls `attach` / `detach`, `set_trainable`, `disabled`, and `core.state` calls `export_state` /
+    `import_state` / `to_peft_dict`; nothing else is asked of it.
+    """
+
+    in_weights: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.enabled = True
+
+    def attach(self, model: nn.Module) -> None:
+        """Wire into `model` (register hooks); called once, after the adapter joined the model."""
+
+    def detach(self, model: nn.Module, keep_changes: bool) -> None:
+        """Unwire. `keep_changes=False` (delete) must also undo in-place edits of base tensors."""
+
+    def role_parameters(self) -> dict[Role, list[nn.Parameter]]:
+        raise NotImplementedError
+
+    def set_trainable(self, trainable: bool) -> None:
+        for params in self.role_parameters().values():
+            for p in params:
+                p.requires_grad_(trainable)
+
+    def disabled(self) -> Any:
+        """A context manager during which the model computes its base function."""
+        return _Disabled(self)
+
+    def merge_error(self) -> NotMergeableError:
+        return NotMergeableError(
+            f"{type(self).__name__} cannot be merged: its output is not a fixed change of the base "
+            "weights, so it stays a separate module (use lorakit.disable_adapters for the base model)"
+        )
+
+    def export_state(self) -> dict[str, Tensor]:
+        """Tensors to save, keyed exactly as they are written in the adapter file."""
+        raise NotImplementedError
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Copy saved tensors in; `core.state` has already checked keys and shapes."""
+        with torch.no_grad():
+            for key, tensor in self.export_state().items():
+                tensor.copy_(state[key])
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _Disabled:
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+
+    def __enter__(self) -> None:
+        self.adapter.enabled = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.adapter.enabled = True

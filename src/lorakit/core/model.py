@@ -7,14 +7,14 @@ so any torch module works without being subclassed or wrapped in a model-level c
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .contract import AdaptedLayer, Delta, LayerMethodConfig, Role, TrainingHooks
+from .contract import AdaptedLayer, Delta, LayerMethodConfig, ModelAdapter, Role, TrainingHooks
 from .target import find_targets
 
 
@@ -42,6 +42,50 @@ def adapter_deltas(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, A
     for path, layer in adapted_layers(model):
         if adapter_name in layer.adapters:
             yield path, layer, layer.adapters[adapter_name]
+
+
+CONTAINER = "lorakit_adapters"  # the model's ModuleDict of model-level adapters
+
+
+def model_adapters(model: nn.Module) -> Iterator[tuple[str, ModelAdapter]]:
+    """Model-level adapters (prompt/prefix tuning, BitFit, norm tuning, full fine-tuning)."""
+    container = model._modules.get(CONTAINER)
+    yield from (container.items() if container is not None else ())
+
+
+def add_adapter(model: nn.Module, config: Any, adapter_name: str) -> None:
+    """Add an adapter of any kind: model-level configs wire themselves (`apply_to`), layer configs
+    are injected into their target modules."""
+    apply_to = getattr(config, "apply_to", None)
+    if callable(apply_to):
+        apply_to(model, adapter_name)
+    else:
+        inject(model, config, adapter_name)
+
+
+def attach_model_adapter(model: nn.Module, config: Any, adapter: ModelAdapter, adapter_name: str) -> None:
+    """Register a model-level adapter under `adapter_name` and let it wire itself in."""
+    if adapter_name in registry(model).configs:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
+    if CONTAINER not in model._modules:
+        model.add_module(CONTAINER, nn.ModuleDict())
+    model._modules[CONTAINER][adapter_name] = adapter
+    registry(model).configs[adapter_name] = config
+    try:
+        adapter.attach(model)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+
+
+def _claimed_base_parameters(model: nn.Module) -> set[int]:
+    """Base-model tensors that in-place methods (BitFit, full fine-tuning) train."""
+    return {
+        id(p)
+        for _, adapter in model_adapters(model)
+        for params in adapter.role_parameters().values()
+        for p in params
+    }
 
 
 def _check_name(model: nn.Module, name: str) -> None:
@@ -82,15 +126,21 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         layer.active = [n for n in names if n in layer.adapters]
         for adapter, delta in layer.adapters.items():
             delta.requires_grad_(adapter in names)
+    for name, adapter in model_adapters(model):
+        adapter.active = name in names
+        adapter.set_trainable(name in names)
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Freeze every parameter that does not belong to an adapter delta."""
+    """Freeze every parameter that does not belong to an adapter (a delta, a model-level adapter,
+    or a base tensor an in-place method trains; `set_active` decides those)."""
+    claimed = _claimed_base_parameters(model)
     for module in model.modules():
-        if isinstance(module, Delta):
+        if isinstance(module, (Delta, ModelAdapter)):
             continue
         for p in module.parameters(recurse=False):
-            p.requires_grad_(False)
+            if id(p) not in claimed:
+                p.requires_grad_(False)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -103,6 +153,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         layer.active = [n for n in layer.active if n != adapter_name]
         if not layer.adapters:
             model.set_submodule(path, layer.base_layer)
+    container = model._modules.get(CONTAINER)
+    if container is not None and adapter_name in container:
+        container[adapter_name].detach(model, keep_changes=False)
+        del container[adapter_name]
+        if not len(container):
+            del model._modules[CONTAINER]
     reg = registry(model)
     reg.configs.pop(adapter_name, None)
     reg.active = [n for n in reg.active if n != adapter_name]
@@ -111,6 +167,15 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model: merged adapters are unmerged for the duration, then merged back."""
+    with ExitStack() as stack:
+        for _, adapter in model_adapters(model):
+            stack.enter_context(adapter.disabled())
+        with _layers_disabled(model):
+            yield
+
+
+@contextmanager
+def _layers_disabled(model: nn.Module) -> Iterator[None]:
     layers = [layer for _, layer in adapted_layers(model)]
     remerge = [(layer, list(layer.merged)) for layer in layers]
     for layer, names in remerge:
@@ -137,6 +202,9 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
     names = list(adapter_names) if adapter_names is not None else list(registry(model).active)
     for name in names:
         _check_name(model, name)
+    for name, adapter in model_adapters(model):
+        if name in names:
+            raise adapter.merge_error()
     for name in names:
         for path, layer, delta in adapter_deltas(model, name):
             if name in layer.merged:
@@ -171,11 +239,20 @@ def unload(model: nn.Module) -> nn.Module:
             if name not in layer.merged:
                 layer.restore_base_weight(delta)
         model.set_submodule(path, layer.base_layer)
+    for _, adapter in model_adapters(model):
+        adapter.detach(model, keep_changes=True)
+        adapter.set_trainable(False)
+    model._modules.pop(CONTAINER, None)
     model.__dict__.pop("_lorakit", None)
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge what is unmerged, then unload. A model-level adapter whose change is not in the
+    weights (prompt, prefix) would be silently dropped by unload, so it is refused instead."""
+    for name, adapter in model_adapters(model):
+        if name in registry(model).active and not adapter.in_weights:
+            raise adapter.merge_error()
     merge(model, [n for n in registry(model).active if _has_unmerged(model, n)])
     return unload(model)
 
@@ -211,7 +288,7 @@ def param_groups(
     by_role: dict[Role, list[nn.Parameter]] = {}
     claimed: set[int] = set()
     for module in model.modules():
-        if isinstance(module, Delta):
+        if isinstance(module, (Delta, ModelAdapter)):
             for role, params in module.role_parameters().items():
                 live = [p for p in params if p.requires_grad]
                 by_role.setdefault(role, []).extend(live)
@@ -250,9 +327,16 @@ def summary(model: nn.Module) -> str:
         leaves = sorted({path.split(".")[-1] for path, _, _ in deltas})
         n_bytes = sum(p.numel() * p.element_size() for _, _, d in deltas for p in d.parameters())
         state = "active" if name in registry(model).active else "inactive"
+        adapter = dict(model_adapters(model)).get(name)
+        if adapter is not None:
+            tensors = adapter.export_state().values()
+            n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+            where = f"whole model ({len(tensors)} tensors)"
+        else:
+            where = f"{len(deltas)} modules [{', '.join(leaves)}]"
         lines.append(
-            f"adapter {name!r} ({type(config).__name__}, {state}): {len(deltas)} modules "
-            f"[{', '.join(leaves)}], {n_bytes:,} bytes ({n_bytes / 2**20:.2f} MiB)"
+            f"adapter {name!r} ({type(config).__name__}, {state}): {where}, "
+            f"{n_bytes:,} bytes ({n_bytes / 2**20:.2f} MiB)"
         )
     pct = 100.0 * trainable / max(total, 1)
     lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable: {pct:.4f}%")

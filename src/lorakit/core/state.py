@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .io import atomic_write
-from .model import adapter_deltas, delete_adapter, inject, registry, set_active
+from .model import adapter_deltas, add_adapter, delete_adapter, model_adapters, registry, set_active
 from .target import candidates
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,6 +60,14 @@ def save_adapter(
         if config is None:
             raise KeyError(f"no adapter named {name!r}; adapters here: {list(registry(model).configs)}")
         folder = Path(out_dir) if name == "default" else Path(out_dir) / name
+        adapter = dict(model_adapters(model)).get(name)
+        if adapter is not None:  # model-level: its own keys (PEFT's "prompt_embeddings") and config
+            tensors = {
+                k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()
+            }
+            _write_folder(folder, tensors, adapter.to_peft_dict())
+            written.append(folder)
+            continue
         deltas = list(adapter_deltas(model, name))
         peft_config = config.to_peft_dict()
         peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
@@ -128,6 +136,9 @@ def read_adapter_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
 
 
 def _expected(model: nn.Module, name: str) -> dict[str, tuple[Any, str, torch.Size]]:
+    adapter = dict(model_adapters(model)).get(name)
+    if adapter is not None:
+        return {key: (adapter, key, tensor.shape) for key, tensor in adapter.export_state().items()}
     return {
         f"{PREFIX}{path}.{suffix}": (delta, suffix, tensor.shape)
         for path, _, delta in adapter_deltas(model, name)
@@ -166,7 +177,7 @@ def load_adapter(
     peft_config, tensors = read_adapter_folder(path)
     config = config_from_peft(peft_config)
     previous_active = list(registry(model).active)
-    inject(model, config, adapter_name)
+    add_adapter(model, config, adapter_name)
     try:
         expected = _expected(model, adapter_name)
         _check_keys(expected, tensors)
@@ -183,4 +194,7 @@ def load_adapter(
     if not trainable:
         for _, _, delta in adapter_deltas(model, adapter_name):
             delta.requires_grad_(False)
+        for name, adapter in model_adapters(model):
+            if name == adapter_name:
+                adapter.set_trainable(False)
     return config

@@ -7,9 +7,13 @@ from typing import Any
 
 from .adalora import AdaLoRAConfig
 from .adalora_budget import AdaLoRAScheduleError, RankAllocator
+from .adapter import AdapterConfig
 from .dora import DoRAConfig
+from .inplace import IN_PLACE, BitFitConfig, FullFinetuneConfig, NormTuningConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
+from .prefix import PrefixTuningConfig
+from .prompt import PromptTuningConfig
 from .qlora import QLoRAConfig
 
 # CLI / YAML method name -> config class. Later members add one line each.
@@ -19,6 +23,12 @@ METHODS: dict[str, type] = {
     "loraplus": LoRAPlusConfig,
     "adalora": AdaLoRAConfig,
     "qlora": QLoRAConfig,
+    "adapter": AdapterConfig,
+    "prompt": PromptTuningConfig,
+    "prefix": PrefixTuningConfig,
+    "bitfit": BitFitConfig,
+    "norm": NormTuningConfig,
+    "full": FullFinetuneConfig,
 }
 
 
@@ -31,7 +41,12 @@ def config_from_peft(d: dict[str, Any]) -> Any:
         return (DoRAConfig if d.get("use_dora") else LoRAConfig).from_peft_dict(d)
     if peft_type == "ADALORA":
         return AdaLoRAConfig.from_peft_dict(d)
-    supported = "LORA, ADALORA"
+    if peft_type in IN_PLACE:
+        return IN_PLACE[peft_type]()
+    other = {c.peft_type: c for c in (AdapterConfig, PromptTuningConfig, PrefixTuningConfig)}
+    if peft_type in other:
+        return other[peft_type].from_peft_dict(d)
+    supported = ", ".join(["LORA", "ADALORA", *other, *IN_PLACE])
     raise ValueError(
         f"adapter_config.json has peft_type={d.get('peft_type')!r}; this lorakit reads: {supported}"
     )
@@ -42,6 +57,12 @@ __all__ = [
     "AdaLoRAConfig",
     "AdaLoRAScheduleError",
     "RankAllocator",
+    "AdapterConfig",
+    "BitFitConfig",
+    "FullFinetuneConfig",
+    "NormTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "DoRAConfig",
     "LoRAConfig",
     "LoRAPlusConfig",
