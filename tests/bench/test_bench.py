@@ -25,13 +25,25 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 INFER = ["base", "lora_unmerged", "lora_merged"] + (["peft_lora_merged"] if HAS_PEFT else [])
 
 
+def _tiny(suite: str, out: Path, cases: list[str], steps: int = 1, warmup: int = 0) -> dict:
+    """A quiet bench run on the tiny model, two cases at once (threads=1: on a loaded 2-core
+    machine two OpenMP threads wait on each other at every op)."""
+    return run_bench(
+        suite,
+        model="tiny",
+        out_dir=out,
+        steps=steps,
+        warmup=warmup,
+        threads=1,
+        jobs=2,
+        verbose=False,
+        cases=cases,
+    )
+
+
 @pytest.fixture(scope="module")
 def infer_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("bench")
-    # threads=1: on a loaded 2-core machine two OpenMP threads wait on each other at every op.
-    return run_bench(
-        "infer", model="tiny", out_dir=out, steps=2, warmup=1, threads=1, jobs=2, verbose=False, cases=INFER
-    )
+    return _tiny("infer", tmp_path_factory.mktemp("bench"), INFER, steps=2, warmup=1)
 
 
 def test_infer_report_has_every_case_with_positive_medians(infer_report: dict) -> None:
@@ -77,17 +89,7 @@ def test_report_files_are_written(infer_report: dict) -> None:
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
 def test_train_cases_run_and_agree_on_the_first_loss(tmp_path: Path) -> None:
-    report = run_bench(
-        "train",
-        model="tiny",
-        out_dir=tmp_path,
-        steps=2,
-        warmup=1,
-        threads=1,
-        jobs=2,
-        verbose=False,
-        cases=["lora_fp32", "peft_lora_fp32"],
-    )
+    report = _tiny("train", tmp_path, ["lora_fp32", "peft_lora_fp32"], steps=2, warmup=1)
     assert report["failed"] == []
     suite = report["suites"]["train"]
     for result in suite["cases"].values():
@@ -101,17 +103,7 @@ def test_train_cases_run_and_agree_on_the_first_loss(tmp_path: Path) -> None:
 def test_dora_cases_hold_the_same_function_as_peft_dora(tmp_path: Path) -> None:
     # PEFT sets its magnitude from its own random B at creation; the bench must equalise both,
     # or the DoRA ratios would compare two different models.
-    report = run_bench(
-        "infer",
-        model="tiny",
-        out_dir=tmp_path,
-        steps=1,
-        warmup=0,
-        threads=1,
-        jobs=2,
-        verbose=False,
-        cases=["dora_unmerged", "peft_dora_unmerged"],
-    )
+    report = _tiny("infer", tmp_path, ["dora_unmerged", "peft_dora_unmerged"])
     assert report["failed"] == []
     suite = report["suites"]["infer"]
     check = suite["checks"]["dora_unmerged vs peft_dora_unmerged"]
@@ -128,17 +120,7 @@ def test_qlora_and_nf4_cases(tmp_path: Path) -> None:
     # QLoRA's training step next to LoRA's on the same adapter values, its weight memory, and the
     # NF4 micro-benchmark (a 256 x 256 matrix with the tiny model) against bitsandbytes.
     cases = ["lora_bf16", "qlora_bf16", "nf4"] + (["bnb_nf4"] if HAS_BNB else [])
-    report = run_bench(
-        "all",
-        model="tiny",
-        out_dir=tmp_path,
-        steps=1,
-        warmup=0,
-        threads=1,
-        jobs=2,
-        verbose=False,
-        cases=cases,
-    )
+    report = _tiny("all", tmp_path, cases)
     assert report["failed"] == []
     train = report["suites"]["train"]
     qlora, lora = train["cases"]["qlora_bf16"], train["cases"]["lora_bf16"]
