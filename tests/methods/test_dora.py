@@ -91,13 +91,13 @@ def test_training_with_dropout_rescales_the_dropped_input_like_peft() -> None:
 
 def _count_norms(delta: DoRADelta, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    original = delta._norm
+    original = delta._factored_norm
 
-    def counted(weight: torch.Tensor) -> torch.Tensor:
+    def counted(layer: lk.AdaptedLayer) -> torch.Tensor:
         calls[0] += 1
-        return original(weight)
+        return original(layer)
 
-    monkeypatch.setattr(delta, "_norm", counted)
+    monkeypatch.setattr(delta, "_factored_norm", counted)
     return calls
 
 
@@ -136,6 +136,20 @@ def test_without_autograd_the_gains_are_cached_until_any_input_changes(monkeypat
     y = model(x)  # eval mode with autograd on: m still gets its gradient
     y.sum().backward()
     assert delta.magnitude.grad is not None and delta.magnitude.grad.abs().sum() > 0
+
+
+def test_factored_norm_equals_the_direct_norm_and_caches_w0() -> None:
+    model, delta = _adapted()
+    layer = model.proj
+    direct = (layer.base_layer.weight + (5 / 3) * delta.lora_B @ delta.lora_A).norm(dim=1)
+    torch.testing.assert_close(delta._factored_norm(layer), direct.detach(), rtol=1e-6, atol=0)
+    first = delta._w0_cache[1]
+    delta._factored_norm(layer)
+    assert delta._w0_cache[1] is first  # W0 unchanged: ||W0||^2 reused
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2.0)
+    direct = (layer.base_layer.weight + (5 / 3) * delta.lora_B @ delta.lora_A).norm(dim=1)
+    torch.testing.assert_close(delta._factored_norm(layer), direct.detach(), rtol=1e-6, atol=0)
 
 
 def test_training_mode_recomputes_the_norm_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
