@@ -84,14 +84,21 @@ def test_apply_quantizes_linear_layers_but_not_the_head_or_embeddings() -> None:
     assert METHODS["qlora"] is lk.QLoRAConfig
 
 
-def test_folder_is_plain_lora_and_loads_on_the_full_precision_base(tmp_path, peft_logits) -> None:
+def _qlora_with_nonzero_adapter(scale: float) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny Llama (with biases) under QLoRA in fp32 compute, every trainable tensor moved by
+    `scale` noise so the adapter changes the outputs; and a fixed batch of ids."""
     model = tiny_llama(bias=True).eval()
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
     lk.apply(model, lk.QLoRAConfig(rank=4, alpha=8, compute_dtype="float32"))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(scale * torch.randn_like(p))
+    return model, ids
+
+
+def test_folder_is_plain_lora_and_loads_on_the_full_precision_base(tmp_path, peft_logits) -> None:
+    model, ids = _qlora_with_nonzero_adapter(0.05)
     qlora_out = model(ids).logits
     lk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -111,13 +118,7 @@ def test_folder_is_plain_lora_and_loads_on_the_full_precision_base(tmp_path, pef
 
 
 def test_merge_and_unload_writes_full_precision_and_requantizing_costs() -> None:
-    model = tiny_llama(bias=True).eval()
-    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
-    lk.apply(model, lk.QLoRAConfig(rank=4, alpha=8, compute_dtype="float32"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    model, ids = _qlora_with_nonzero_adapter(0.1)
     expected = model(ids).logits
     plain = lk.merge_and_unload(model)
     assert not any(isinstance(m, Linear4bit) for m in plain.modules())
