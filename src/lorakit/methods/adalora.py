@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..core.contract import AdaptedLayer, Delta, Role
 from ..core.target import TargetSpec
-from .lora import _refuse_unsupported, _targets_from_peft
+from .lora import PEFT_FIXED_FIELDS, _refuse_unsupported, _targets_from_peft
 
 INIT_STD = 0.02  # A and B ~ N(0, 0.02): the authors' SVDLinear and PEFT
 
@@ -132,12 +132,7 @@ class AdaLoRAConfig:
             "rank_pattern": {f"{p}.lora_E": kept for p, kept in self.rank_pattern.items()} or None,
             "init_lora_weights": True,
             "use_rslora": False,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "modules_to_save": None,
-            "use_dora": False,
-            "lora_bias": False,
-            "inference_mode": True,
+            **PEFT_FIXED_FIELDS,
         }
 
     @classmethod

@@ -28,6 +28,18 @@ from ..core.target import TargetSpec
 INITS = ("kaiming", "gaussian", "pissa")
 
 
+# adapter_config.json fields PEFT expects and lorakit always writes the same way (biases stay
+# frozen, weights are (out, in) after AdaptedLayer's layout handling, no extra modules saved)
+PEFT_FIXED_FIELDS: dict[str, Any] = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "use_dora": False,
+    "lora_bias": False,
+    "inference_mode": True,
+}
+
+
 @dataclass
 class LoRAConfig:
     """LoRA on linear layers (and embeddings when named); `rank_pattern` / `alpha_pattern` map a
@@ -89,12 +101,7 @@ class LoRAConfig:
             "init_lora_weights": True if self.init in ("kaiming", "pissa") else "gaussian",
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "modules_to_save": None,
-            "use_dora": False,
-            "lora_bias": False,
-            "inference_mode": True,
+            **PEFT_FIXED_FIELDS,
         }
 
     def _doubled_alpha(self, rank: int, alpha: float) -> float:
