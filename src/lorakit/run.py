@@ -119,7 +119,11 @@ class RunConfig:
         ),
     )
     attention: str = field(
-        default="auto", metadata=_help("attention kernel: auto (eager on CPU, sdpa on GPU), eager, or sdpa")
+        default="auto",
+        metadata=_help(
+            "attention kernel: auto (lorakit on CPU, sdpa on GPU), lorakit (grouped-matmul training "
+            "kernel, sdpa without gradients), eager, or sdpa"
+        ),
     )
     target_rank: int | None = field(
         default=None,
@@ -413,13 +417,18 @@ def api_load(path: str | None, attention: str = "auto") -> tuple[nn.Module, Any]
 
 
 def set_attention(model: nn.Module, attention: str) -> None:
-    """Pick the attention kernel. On CPU, eager attention made a bf16 LoRA training step of the
-    default model (8 x 81 tokens) 1.33x faster than SDPA (1.37 s vs 1.82 s, measured here);
-    SDPA's CPU flash backward dominates at these short lengths. On GPU, SDPA is the better choice."""
-    if attention not in ("auto", "eager", "sdpa"):
-        raise ValueError(f"attention must be auto, eager or sdpa, got {attention!r}")
+    """Pick the attention kernel. On CPU, PyTorch's flash kernel is the slowest choice at fine-tuning
+    lengths; `lorakit` (lorakit.train.attention) computes eager attention's values with batched
+    matmuls and keeps no probabilities for backward, and hands no-gradient calls to SDPA. On GPU,
+    SDPA is the better choice."""
+    if attention not in ("auto", "lorakit", "eager", "sdpa"):
+        raise ValueError(f"attention must be auto, lorakit, eager or sdpa, got {attention!r}")
     if attention == "auto":
-        attention = "sdpa" if next(model.parameters()).is_cuda else "eager"
+        attention = "sdpa" if next(model.parameters()).is_cuda else "lorakit"
+    if attention == "lorakit":
+        from .train.attention import register
+
+        register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attention)
 
@@ -469,13 +478,18 @@ def base_eval_cache_file(model: nn.Module, tokenizer: Any, data: EvalData, cfg: 
         "prompts": data.prompts,
         "template": getattr(tokenizer, "chat_template", None),
         "vocab": len(tokenizer),
-        "eval": [cfg.eval_max_new_tokens, cfg.general_tokens, cfg.max_length, cfg.attention],
+        "eval": [cfg.eval_max_new_tokens, cfg.general_tokens, cfg.max_length, _attention_name(model, cfg)],
         "device": str(next(model.parameters()).device),
         "autocast": str(eval_autocast(model)),
         "versions": [torch.__version__, transformers.__version__, _version()],
     }
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     return cache_root().parent / "base-eval" / f"{digest.hexdigest()[:32]}.json"
+
+
+def _attention_name(model: nn.Module, cfg: RunConfig) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or cfg.attention)
 
 
 def _version() -> str:

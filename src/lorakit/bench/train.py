@@ -1,5 +1,8 @@
 """Training measurement: one AdamW step on a 4 x 256 batch, causal-LM loss on every token.
 
+lorakit's cases first get what the trainer does before its first step
+(`lorakit.train.fast.prepare_for_training`: its attention kernel, fused RMSNorm/SwiGLU, frozen
+linear weights in bf16, the allocator setting); PEFT's run the model as loaded, as PEFT users do.
 lorakit's cases use its chunked loss (`lorakit.train.loss.chunked_causal_lm_loss`), which never
 builds fp32 logits for the whole batch; PEFT's cases call `model(input_ids, labels=...)` as PEFT
 users do. The `lora_model_loss_*` cases run lorakit with that same plain loss, so a reader can
@@ -26,6 +29,11 @@ LossFn = Callable[[nn.Module, Tensor], Tensor]
 
 def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str, Any]:
     model.train()
+    prepared: list[str] = []
+    if case.library == "lorakit":  # what `lorakit train` does before its first step
+        from lorakit.train.fast import prepare_for_training
+
+        prepared = prepare_for_training(model, torch.bfloat16 if case.dtype == "bf16" else None)
     ids = _batch(model)
     loss_fn, loss_name = _loss_fn(case.loss)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -43,7 +51,13 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
     reset = reset_peak_rss()  # the training peak, not the model load's (an fp32 model before NF4)
     timing = measure(step, warmup, steps)
     timing["tokens_per_s"] = ids.numel() / timing["median_s"]
-    result = {"step": timing, "loss": loss_name, "losses": losses, "batch": list(ids.shape)}
+    result = {
+        "step": timing,
+        "loss": loss_name,
+        "losses": losses,
+        "batch": list(ids.shape),
+        "prepared": prepared,
+    }
     if reset:
         result["step_peak_rss_mb"] = peak_rss_since_reset_mb()
     return result

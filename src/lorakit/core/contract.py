@@ -48,6 +48,9 @@ class Delta(nn.Module):
     roles: ClassVar[dict[str, Role]] = {}
     peft_keys: ClassVar[dict[str, str]] = {}
     mergeable: ClassVar[bool] = True
+    # True if the delta reads the base weight itself during training (DoRA's column norms): the
+    # trainer then leaves that weight in fp32 instead of storing it in bf16 (lorakit.train.fast).
+    reads_base_weight: ClassVar[bool] = False
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         raise NotImplementedError
@@ -103,6 +106,8 @@ class AdaptedLayer(nn.Module):
         # A quantized base (lorakit.quant.Linear4bit) is swapped for its full-precision layer while
         # merged (merging into 4 bits would re-quantize); the 4-bit original waits here for unmerge.
         self.register_module("quantized_base", None)
+        # A bf16/fp16 base weight cannot take W + dW - dW back exactly; its pre-merge value waits here.
+        self._premerge_weight: Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -172,6 +177,8 @@ class AdaptedLayer(nn.Module):
         if self.is_quantized:
             self.quantized_base = self.base_layer
             self._set_base(self.base_layer.dequantized_module(torch.float32))
+        elif not self.merged and self.base_layer.weight.dtype in (torch.bfloat16, torch.float16):
+            self._premerge_weight = self.base_layer.weight.detach().clone()
         self.set_weight_out_in(new)
         self.merged.append(name)
 
@@ -185,6 +192,10 @@ class AdaptedLayer(nn.Module):
         if self.quantized_base is not None and self.merged == [name]:  # back to the exact 4-bit original
             self._set_base(self.quantized_base)
             self.quantized_base = None
+        elif self._premerge_weight is not None and self.merged == [name]:  # back to the exact bf16 original
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._premerge_weight)
+            self._premerge_weight = None
         else:
             self.set_weight_out_in(self.adapters[name].unmerged_weight(self.weight_out_in()))
         self.merged.remove(name)

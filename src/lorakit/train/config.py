@@ -85,7 +85,15 @@ class TrainConfig:
     )
     log_every: int = field(default=1, metadata=_help("write a log.jsonl line every N steps"))
     loss_chunk_size: int = field(
-        default=1024, metadata=_help("loss-token rows per lm_head chunk (bounds logits memory)")
+        default=0,
+        metadata=_help("loss-token rows per lm_head chunk (bounds logits memory); 0 = about 24 MB of logits"),
+    )
+    fast_kernels: bool = field(
+        default=True,
+        metadata=_help(
+            "lorakit's training kernels: grouped attention (CPU), fused RMSNorm/SwiGLU, frozen linear "
+            "weights stored in the autocast dtype (lorakit.train.fast)"
+        ),
     )
     progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
     output_dir: str = field(
@@ -102,10 +110,16 @@ class TrainConfig:
 
     def _problems(self) -> list[str]:
         p: list[str] = []
-        for name in ("steps", "batch_size", "micro_batch_size", "log_every", "loss_chunk_size"):
+        for name in ("steps", "batch_size", "micro_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "max_grad_norm"):
+        for name in (
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_every",
+            "max_grad_norm",
+            "loss_chunk_size",
+        ):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} must be >= 0 (0 disables it)")
         if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:

@@ -1,19 +1,26 @@
 """Causal-LM cross-entropy that never builds fp32 logits for the whole batch.
 
 A plain `model(input_ids, labels=...)` computes `(batch, seq, vocab)` logits, upcasts them to fp32
-and keeps them for backward: for a 49k vocabulary and 4 x 256 tokens that is ~200 MB, more than the
-rest of a LoRA step needs, and most rows are prompt tokens whose loss is masked anyway. Here:
+and keeps them, and the log-softmax output, for backward: for a 49k vocabulary and 4 x 256 tokens
+that is ~200 MB each, and on 2 CPU cores the log-softmax and its backward over them took 0.65 s
+of a 2.8 s LoRA step. Here:
 
     h   = final hidden states, after the final norm             # (B, T, H)
     h   = h[:, :-1][labels[:, 1:] != -100]                      # (N, H), only the loss tokens
     sum = sum over chunks c of CE(lm_head(h_c).float(), y_c)    # chunks of `chunk_size` rows
 
-When there is more than one chunk, each runs under activation checkpointing, so backward
-recomputes its logits instead of keeping them all: peak logits memory is one chunk,
-`chunk_size x vocab` in fp32. A single chunk is kept as is: recomputing it would cost a head
-matmul (~0.3 s per 1024 rows of a 49k vocabulary on 2 CPU cores) and lower no peak. The function returns
-the sum of token losses and the token count, so the caller can divide by the token count of a
-whole accumulated batch rather than average per micro-batch.
+When the head is a plain `nn.Linear` (every Hugging Face causal LM), the loss and its gradient
+are computed together, chunk by chunk, in forward (`linear_cross_entropy`): each chunk's logits
+live only while its loss and its gradient `softmax - onehot` are formed and multiplied back into
+a gradient for the hidden rows (and, if the head trains, for its weight). Backward then only
+scales what forward kept. No logits are recomputed and none outlive their chunk; the precision is
+autocast's: logits from a matmul in the compute dtype, softmax in fp32, the gradient cast back to
+the compute dtype for its matmul. Chunks default to ~24 MB of fp32 logits (122 rows of a 49k
+vocabulary), which glibc's allocator serves from its heap instead of fresh pages. Any other head
+(an adapted or quantized one) falls back to activation checkpointing per chunk.
+
+The function returns the sum of token losses and the token count, so the caller can divide by the
+token count of a whole accumulated batch rather than average per micro-batch.
 """
 
 from __future__ import annotations
@@ -31,39 +38,52 @@ def chunked_causal_lm_loss(
     input_ids: Tensor,
     attention_mask: Tensor,
     labels: Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 0,
     verify_head: bool = False,
 ) -> tuple[Tensor, int]:
     """Return (sum of next-token CE over the non-ignored labels, number of those labels).
 
-    `model` is a Hugging Face causal LM: `output_hidden_states=True` gives the final hidden states
-    (after the final norm; transformers 5 replaces the last entry with the normed output) and
-    `logits_to_keep=1` stops it from computing logits for every position. `verify_head=True`
-    checks once that `lm_head(hidden_states[-1])` reproduces the model's own logits, which fails
-    for models that scale or soft-cap logits after the head.
+    `model` is a Hugging Face causal LM. Its decoder (`model.base_model`) gives the final hidden
+    states (after the final norm) and the model's head is applied here. `verify_head=True` runs the
+    whole model instead (`output_hidden_states=True`, `logits_to_keep=1`) and checks that
+    `lm_head(hidden_states[-1])` reproduces the model's own logits, which fails for models that
+    scale or soft-cap logits after the head; the trainer does this on its first batch.
     """
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:
         return torch.zeros((), device=input_ids.device), 0
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    hidden = out.hidden_states[-1]  # (B, T, H)
-    head = _output_head(model)
-    if verify_head:
-        _check_head(head, hidden, out.logits)
+    decoder = getattr(model, "base_model", None)
+    if not verify_head and isinstance(decoder, nn.Module) and decoder is not model:
+        # the decoder alone: the head's own call (even on one position) would cast its whole
+        # (vocab x hidden) weight under autocast and keep the copy until the loss returns
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        head = _output_head(model)
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1]  # (B, T, H)
+        head = _output_head(model)
+        if verify_head:
+            _check_head(head, hidden, out.logits)
     rows = hidden[:, :-1][keep]  # (N, H)
     return _chunked_ce(head, rows, targets[keep], chunk_size), count
 
 
 def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """Sum of CE over row chunks; with several chunks, backward recomputes each chunk's logits."""
+    """Sum of CE over row chunks (`chunk_size` rows; 0 = about LOGITS_CHUNK_BYTES of fp32 logits)."""
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_rows(_vocab(head))
+    if type(head) is nn.Linear:
+        return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_size)
     recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
     total = torch.zeros((), device=rows.device, dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
@@ -73,6 +93,93 @@ def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int)
         else:
             total = total + _chunk_loss(head, h, y)
     return total
+
+
+LOGITS_CHUNK_BYTES = 24 * 2**20  # under glibc's 32 MB mmap ceiling: reused heap memory, no page faults
+
+
+def auto_chunk_rows(vocab: int) -> int:
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+
+
+def _vocab(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.ndim == 2 else 32768
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 0
+) -> Tensor:
+    """sum_i CE(hidden_i @ weight^T + bias, targets_i), fp32, with the gradient formed in forward.
+
+    hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) class indices (no ignore index:
+    pass only the rows that count). Under autocast the matmuls run in the autocast dtype, as
+    `nn.Linear` would; the softmax always runs in fp32 (fp64 for fp64 inputs).
+    """
+    if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden must be (N, H) and targets (N,); got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_rows(weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(
+            hidden, weight, bias, targets, chunk, compute, torch.is_grad_enabled()
+        )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, compute, grads):  # type: ignore[no-untyped-def]
+        need_h = grads and hidden.requires_grad
+        need_w = grads and weight.requires_grad
+        need_b = grads and bias is not None and bias.requires_grad
+        acc = torch.promote_types(compute, torch.float32)
+        h_all, w = hidden.to(compute), weight.to(compute)
+        b = None if bias is None else bias.to(compute)
+        total = torch.zeros((), device=hidden.device, dtype=acc)
+        d_hidden = torch.empty_like(h_all) if need_h else None
+        d_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None
+        for start in range(0, h_all.shape[0], chunk):
+            h, y = h_all[start : start + chunk], targets[start : start + chunk]
+            rows = torch.arange(h.shape[0], device=h.device)
+            logp = torch.log_softmax(F.linear(h, w, b), dim=-1, dtype=acc)  # (n, V), the chunk's only logits
+            total -= logp[rows, y].sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logp.exp_()  # softmax - onehot: d(sum CE)/d(logits)
+            grad[rows, y] -= 1.0
+            if need_b:
+                d_bias += grad.sum(0)
+            grad = grad.to(compute)
+            if need_h:
+                d_hidden[start : start + chunk] = grad @ w
+            if need_w:
+                d_weight += (grad.t() @ h).to(acc)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total.float() if acc != torch.float64 else total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        scale = grad_out.to(torch.float32 if grad_out.dtype != torch.float64 else torch.float64)
+
+        def scaled(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+            return None if t is None else (t.to(scale.dtype) * scale).to(dtype)
+
+        return (
+            scaled(d_hidden, h_dtype),
+            scaled(d_weight, w_dtype),
+            scaled(d_bias, b_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:

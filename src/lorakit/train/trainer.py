@@ -39,6 +39,7 @@ from lorakit.train.batching import (
     micro_batches,
 )
 from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
+from lorakit.train.fast import prepare_for_training
 from lorakit.train.loss import chunked_causal_lm_loss
 from lorakit.train.metrics import JsonlLog, plot_loss, read_log
 from lorakit.train.optim import (
@@ -284,6 +285,9 @@ class Trainer:
 
     def _prepare_model(self) -> None:
         self.model.train()
+        if self.config.fast_kernels:
+            for line in prepare_for_training(self.model, self.amp_dtype):
+                self._say(line)
         if self.config.gradient_checkpointing:
             _enable_activation_checkpointing(self.model)
 

@@ -1,0 +1,138 @@
+"""Make a model train fast and lean before the first step (the trainer calls this; so does the bench).
+
+Each piece was measured on the default model (bf16 autocast, 4 x 256 tokens, 2 CPU threads) and is
+kept because it paid; docs/benchmarks.md has the figures. None of them changes what is computed
+beyond rounding order: the linear layers see the same bf16 operands autocast would give them.
+
+- attention: `lorakit.train.attention` (grouped matmul kernel, recomputes probabilities in
+  backward) on CPU, where PyTorch's flash kernel is slow at short lengths, if the model uses
+  transformers' default (SDPA); an explicit choice such as eager is kept.
+- RMSNorm outputs cast once to the autocast dtype (Llama-family norms, whose outputs only feed
+  linear layers): otherwise q, k, v and each LoRA branch cast the same fp32 tensor to bf16 on
+  their own and autograd keeps every copy (six a layer for attention, four for the MLP). The
+  values are the same: each of them would have cast it anyway. (A fused RMSNorm/SwiGLU autograd
+  function written in torch ops was also tried: 0.2-0.3 s a step slower, and it saved 60 MB.)
+- frozen linear weights stored in the autocast dtype: autocast would cast each of them at every
+  forward and keep the cast copy for backward; stored in bf16 they are cast never and kept once.
+  Only weights no adapter reads directly (DoRA reads its base weight's norm) and only
+  `nn.Linear` layers (not embeddings, whose fp32 rows start the fp32 residual stream, nor a tied
+  output head, nor quantized layers).
+- glibc's allocator told to keep freed memory (`tune_allocator`): PyTorch's CPU tensors come
+  straight from malloc, and glibc returns every large free to the OS, so each step page-faults
+  its activations in again (a softmax over a fresh 9 MB tensor took 25 ms instead of 1.3 ms).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.core.contract import AdaptedLayer
+
+from . import attention
+
+_ALLOCATOR_TUNED = False
+
+
+def prepare_for_training(model: nn.Module, amp_dtype: torch.dtype | None) -> list[str]:
+    """Apply every speed-up that fits `model`; returns one line per change, for the log."""
+    done: list[str] = []
+    device = next(model.parameters()).device
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if device.type == "cpu" and hasattr(model, "set_attn_implementation") and current in ("sdpa", None):
+        try:
+            model.set_attn_implementation(attention.register())
+            done.append("attention: lorakit grouped-matmul kernel")
+        except (ValueError, ImportError) as err:  # a model that refuses custom attention keeps its own
+            done.append(f"attention: kept the model's ({err})")
+    if amp_dtype is not None:
+        count = cast_norm_outputs(model)
+        if count:
+            done.append(f"RMSNorm outputs cast once to the autocast dtype: {count} norms")
+        cast = store_frozen_linears(model, amp_dtype)
+        if cast:
+            done.append(
+                f"frozen linear weights stored in {str(amp_dtype).removeprefix('torch.')}: {cast} layers"
+            )
+    if device.type == "cpu" and tune_allocator():
+        done.append("glibc malloc: freed memory kept for reuse (M_MMAP_THRESHOLD 32 MB, no trimming)")
+    return done
+
+
+# Norms whose output feeds only linear layers (q/k/v, gate/up, the output head) in their models.
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+
+
+def cast_norm_outputs(model: nn.Module) -> int:
+    """Under autocast, hand the output of each recognised norm on in the autocast dtype."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in NORMS and not getattr(module, "_lorakit_casts_output", False):
+            module.register_forward_hook(_cast_output)
+            module._lorakit_casts_output = True
+            count += 1
+    return count
+
+
+def _cast_output(module: nn.Module, args: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        device = output.device.type
+        if torch.is_autocast_enabled(device):
+            return output.to(torch.get_autocast_dtype(device))
+    return output
+
+
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights (and biases) of frozen `nn.Linear` layers to `dtype`; returns how many."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    readers = {
+        id(layer.base_layer)
+        for layer in model.modules()
+        if isinstance(layer, AdaptedLayer)
+        and any(getattr(d, "reads_base_weight", False) for d in layer.adapters.values())
+    }
+    count = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear or module is head or id(module) in readers:
+            continue
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        if any(p.requires_grad or id(p) in tied for p in params) or module.weight.dtype == dtype:
+            continue
+        with torch.no_grad():
+            for p in params:
+                p.data = p.data.to(dtype)
+        count += 1
+    if count:
+        _own_memory(model)
+    return count
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy the remaining tensors out of the safetensors file mapping, so the mapping (the whole
+    fp32 file, resident once read) is released now that the cast weights no longer need it."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
+def tune_allocator() -> bool:
+    """Keep freed heap memory for reuse (glibc on Linux only); returns whether it was set now."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or platform.system() != "Linux":
+        return False
+    try:
+        libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, 32 * 2**20) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    _ALLOCATOR_TUNED = ok
+    return ok
