@@ -44,6 +44,7 @@ class Case:
     method: str = "lora"
     extra: bool = False  # not run by default; only when named in `cases`
     batch: int = 1  # infer: rows generated at once (the same prompt repeated)
+    checkpointing: bool = False  # train: activation checkpointing per decoder layer (the memory mode)
 
 
 CASES: tuple[Case, ...] = (
@@ -77,6 +78,7 @@ CASES: tuple[Case, ...] = (
     Case("peft_lora_fp32", "train", "peft", "unmerged", "fp32", "model"),
     Case("lora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked"),
     Case("peft_lora_bf16", "train", "peft", "unmerged", "bf16", "model"),
+    Case("lora_bf16_ckpt", "train", "lorakit", "unmerged", "bf16", "chunked", checkpointing=True),
     Case("dora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="dora"),
     Case("peft_dora_bf16", "train", "peft", "unmerged", "bf16", "model", method="dora"),
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
@@ -113,6 +115,8 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
     "train": (
         ("lora_fp32", "peft_lora_fp32"),
         ("lora_bf16", "peft_lora_bf16"),
+        ("lora_bf16_ckpt", "peft_lora_bf16"),
+        ("lora_bf16_ckpt", "lora_bf16"),
         ("lora_model_loss_fp32", "peft_lora_fp32"),
         ("lora_model_loss_bf16", "peft_lora_bf16"),
         ("lora_bf16", "lora_fp32"),

@@ -34,6 +34,11 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
         from lorakit.train.fast import prepare_for_training
 
         prepared = prepare_for_training(model, torch.bfloat16 if case.dtype == "bf16" else None)
+        if case.checkpointing:  # `lorakit train --gradient-checkpointing`
+            from lorakit.train.trainer import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+            prepared.append("activation checkpointing per decoder layer")
     ids = _batch(model)
     loss_fn, loss_name = _loss_fn(case.loss)
     params = [p for p in model.parameters() if p.requires_grad]

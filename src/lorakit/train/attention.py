@@ -38,8 +38,8 @@ NAME = "lorakit"
 class _GroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-        probs = _probs(q, k, mask, scale)
-        out = torch.matmul(probs.to(v.dtype), v)  # (B, KV, G*Q, D)
+        probs = _probs(q, k, mask, scale, v.dtype)  # straight into v's dtype: the same values as a cast
+        out = torch.matmul(probs, v)  # (B, KV, G*Q, D)
         ctx.save_for_backward(q, k, v, out, mask)
         ctx.scale = scale
         return out.view(q.shape)
@@ -66,11 +66,14 @@ def _grouped(q: Tensor, k: Tensor) -> Tensor:
     return q.reshape(b, k.shape[1], (h // k.shape[1]) * length, d)
 
 
-def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """Probabilities (B, KV, G*Q, K) in fp32 (fp64 for fp64 inputs); a fully masked row gives zeros.
+def _probs(
+    q: Tensor, k: Tensor, mask: Tensor | None, scale: float, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Probabilities (B, KV, G*Q, K); a fully masked row gives zeros.
 
     One baddbmm adds the mask as a bias while it computes the scores, and the softmax reads them in
-    the input dtype and writes fp32: no separate cast, scale or masked_fill pass over the scores.
+    the input dtype, accumulates in fp32 and writes `dtype` (default fp32, fp64 for fp64 inputs):
+    no separate cast, scale or masked_fill pass over the scores.
     """
     b, h, length, d = q.shape
     kv, keys = k.shape[1], k.shape[2]
@@ -82,7 +85,7 @@ def _probs(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         k.reshape(b * kv, keys, d).transpose(1, 2),
         alpha=scale,
     )
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    probs = torch.softmax(scores, dim=-1, dtype=dtype or torch.promote_types(q.dtype, torch.float32))
     if mask is not None:
         probs.nan_to_num_(0.0)
     return probs.view(b, kv, rows, keys)

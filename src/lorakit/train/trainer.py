@@ -289,7 +289,7 @@ class Trainer:
             for line in prepare_for_training(self.model, self.amp_dtype):
                 self._say(line)
         if self.config.gradient_checkpointing:
-            _enable_activation_checkpointing(self.model)
+            enable_activation_checkpointing(self.model)
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """Run eval_fn without touching the training RNG streams, so evaluating changes nothing."""
@@ -415,7 +415,7 @@ def _check_master_dtype(trainable: dict[str, nn.Parameter]) -> None:
         )
 
 
-def _enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing per decoder layer (transformers 5 name first, then the old one)."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
