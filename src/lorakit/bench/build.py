@@ -25,13 +25,81 @@ B_STD = 0.01  # small enough to keep the model sensible, large enough to change 
 SEED = 0
 
 
-def load(model: str | None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer): "tiny" is a two-layer random Llama for tests, None the default model."""
+def load(model: str | None, case: Case | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): "tiny" is a two-layer random Llama for tests, None the default model.
+    PEFT's QLoRA case gets the model through transformers' bitsandbytes 4-bit loading."""
+    if case is not None and case.library == "peft" and case.method == "qlora":
+        return _load_bnb_4bit(model)
     if model == "tiny":
         from lorakit.models import tiny_llama, tiny_tokenizer
 
         return tiny_llama(), tiny_tokenizer()
     return lk.load_model(model)
+
+
+def _load_bnb_4bit(model: str | None) -> tuple[nn.Module, Any]:
+    """NF4 with double quantization and bf16 compute, as the QLoRA paper and PEFT's docs set it up."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if model == "tiny":  # a folder to load from, as with any real model
+            from lorakit.models import tiny_llama, tiny_tokenizer
+
+            tiny_llama().save_pretrained(tmp)
+            folder, tokenizer = tmp, tiny_tokenizer()
+        else:
+            from lorakit.models import default_model_cache
+
+            _, tokenizer = lk.load_model(model)
+            folder = model or str(default_model_cache())
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
+        )
+    return loaded, tokenizer
+
+
+def bnb_weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, float]:
+    """`lorakit.quant.linear.weight_memory` for a bitsandbytes 4-bit model: packed codes plus every
+    quantization-state tensor (absmax codes, their scales, code books) of each Linear4bit."""
+    import bitsandbytes as bnb
+
+    linear_actual = linear_reference = linear_params = packed = 0
+    counted: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight, state = module.weight, module.weight.quant_state
+            n = int(torch.Size(state.shape).numel())
+            state_bytes = sum(
+                t.nbytes for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)
+            )
+            bias = module.bias.numel() if module.bias is not None else 0
+            packed += weight.nbytes
+            linear_actual += weight.nbytes + state_bytes + bias * reference_bytes
+            linear_reference += (n + bias) * reference_bytes
+            linear_params += n
+            counted.update(t.data_ptr() for t in module.parameters())
+    other = sum(
+        p.numel() * reference_bytes
+        for p in {p.data_ptr(): p for p in model.parameters()}.values()
+        if not p.requires_grad and p.data_ptr() not in counted
+    )
+    return {
+        "model_bytes": linear_actual + other,
+        "model_reference_bytes": linear_reference + other,
+        "model_ratio": (linear_actual + other) / (linear_reference + other),
+        "linear_bytes": linear_actual,
+        "linear_reference_bytes": linear_reference,
+        "linear_ratio": linear_actual / linear_reference if linear_reference else float("nan"),
+        "linear_bits_per_parameter": 8 * packed / linear_params if linear_params else float("nan"),
+    }
 
 
 # the other schools at their CLI defaults (lorakit train --method adapter|prompt|prefix)

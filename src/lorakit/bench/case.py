@@ -33,7 +33,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(case=case.name, library=case.library, peak_rss_mb=peak_rss_mb())
         return {**result, "torch_threads": torch.get_num_threads()}
     start = time.perf_counter()
-    model, tokenizer = load(spec.get("model"))
+    model, tokenizer = load(spec.get("model"), case)
     model, layers = prepare(model, case)
     setup_s = time.perf_counter() - start
     rss_ready = current_rss_mb()
@@ -58,7 +58,11 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         torch_threads=torch.get_num_threads(),
         **adapter_stats(model),
     )
-    if case.method == "qlora":
+    if case.method == "qlora" and case.library == "peft":
+        from .build import bnb_weight_memory
+
+        result["weights"] = bnb_weight_memory(model)
+    elif case.method == "qlora":
         from lorakit.quant.linear import weight_memory
 
         result["weights"] = weight_memory(model)

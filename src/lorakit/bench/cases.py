@@ -84,6 +84,8 @@ CASES: tuple[Case, ...] = (
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
     Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
     Case("qlora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="qlora"),
+    # PEFT's LoRA on transformers' bitsandbytes 4-bit load (NF4, double quantization, bf16 compute)
+    Case("peft_qlora_bf16", "train", "peft", "unmerged", "bf16", "model", method="qlora"),
     # quantize + dequantize one QUANT_SHAPE fp32 matrix to NF4 (blocks of 64, double quantization),
     # dequantizing to bf16, the compute dtype of QLoRA; no model is loaded.
     Case("nf4", "quant", "lorakit"),
@@ -125,6 +127,8 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("peft_dora_bf16", "peft_lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
         ("qlora_bf16", "lora_bf16"),
+        ("qlora_bf16", "peft_qlora_bf16"),
+        ("peft_qlora_bf16", "peft_lora_bf16"),
     ),
     "quant": (("nf4", "bnb_nf4"),),
 }
@@ -149,6 +153,7 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_model_loss_fp32", "peft_lora_fp32"),
         ("lora_bf16", "peft_lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
+        ("qlora_bf16", "peft_qlora_bf16"),
     ),
     "quant": (("nf4", "bnb_nf4"),),
 }
@@ -192,5 +197,17 @@ def select_cases(
         stray = [c.name for c in chosen if c.suite not in suites]
         if stray:
             raise ValueError(f"cases {stray} are not in suite {suite!r}; use suite='all' or drop them")
-        return [c for c in chosen if c.library not in skipped]
-    return [c for c in CASES if c.suite in suites and not c.extra and c.library not in skipped]
+        return [c for c in chosen if c.library not in skipped and not (_needs_bnb(c) and not with_bnb)]
+    return [
+        c
+        for c in CASES
+        if c.suite in suites
+        and not c.extra
+        and c.library not in skipped
+        and not (_needs_bnb(c) and not with_bnb)
+    ]
+
+
+def _needs_bnb(case: Case) -> bool:
+    """PEFT's QLoRA runs on bitsandbytes' 4-bit layers."""
+    return case.library == "peft" and case.method == "qlora"
