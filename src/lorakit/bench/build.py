@@ -108,6 +108,8 @@ SCHOOLS = {
     "adapter_pfeiffer": lambda: lk.AdapterConfig(placement="pfeiffer"),
     "prompt": lambda: lk.PromptTuningConfig(),
     "prefix": lambda: lk.PrefixTuningConfig(),
+    "norm": lambda: lk.NormTuningConfig(),
+    "full": lambda: lk.FullFinetuneConfig(),
 }
 
 
@@ -117,6 +119,8 @@ def prepare(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
         return model, 0
     if case.method in SCHOOLS:
         lk.apply(model, SCHOOLS[case.method]())
+        if case.method in ("norm", "full"):  # they train the model's own weights: nothing to fill
+            return model, 0
         generator = torch.Generator().manual_seed(SEED)
         with torch.no_grad():  # adapters start at the base function; make their path compute something
             for p in model.parameters():

@@ -60,6 +60,11 @@ CASES: tuple[Case, ...] = (
     Case("dora_unmerged", "infer", "lorakit", "unmerged", method="dora"),
     Case("peft_dora_unmerged", "infer", "peft", "unmerged", method="dora"),
     Case("lora_merged_unloaded", "infer", "lorakit", "merged_unloaded", extra=True),
+    # the other schools' training step (issue 7): `--cases` with SCHOOL_TRAIN_CASES
+    *(
+        Case(f"{method}_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method=method, extra=True)
+        for method in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")
+    ),
     # the other schools (issue 7), batch 1 and 8: `--cases` with SCHOOL_CASES, see docs/methods/schools.md
     *(
         Case(f"{name}{suffix}", "infer", library, adapter, extra=True, method=method, batch=batch)
@@ -127,6 +132,10 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("peft_dora_bf16", "peft_lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
         ("qlora_bf16", "lora_bf16"),
+        *(
+            (f"{m}_bf16", "lora_bf16")
+            for m in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")
+        ),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
     ),
@@ -172,6 +181,17 @@ SCHOOL_CASES = (
     "adapter_pfeiffer_b8",
     "prompt_b8",
     "prefix_b8",
+)
+
+
+SCHOOL_TRAIN_CASES = (
+    "lora_bf16",
+    "adapter_houlsby_bf16",
+    "adapter_pfeiffer_bf16",
+    "prompt_bf16",
+    "prefix_bf16",
+    "norm_bf16",
+    "full_bf16",
 )
 
 
