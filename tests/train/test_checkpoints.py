@@ -23,21 +23,26 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def full_run(tiny, make_config, samples, folder: Path) -> dict[str, torch.Tensor]:
+def held_out(model) -> dict[str, float]:
+    """A deterministic evaluation: the mean of the trainable weights."""
+    return {"probe": float(sum(p.double().sum() for p in model.parameters() if p.requires_grad))}
+
+
+def full_run(tiny, make_config, samples, folder: Path) -> tuple[dict[str, torch.Tensor], list]:
     model = tiny.gpt2(dropout=0.1)
-    config = make_config(steps=7, checkpoint_every=2, output_dir=str(folder))
-    Trainer(model, samples, config).train()
-    return tiny.params_of(model)
+    config = make_config(steps=7, checkpoint_every=2, eval_every=2, output_dir=str(folder))
+    result = Trainer(model, samples, config, eval_fn=held_out).train()
+    return tiny.params_of(model), result.evals
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, make_config, tmp_path):
     samples = tiny.samples(10)  # 10 samples, batches of 4: batches cross epoch ends
-    reference = full_run(tiny, make_config, samples, tmp_path / "full")
+    reference, reference_evals = full_run(tiny, make_config, samples, tmp_path / "full")
 
     folder = tmp_path / "interrupted"
-    config = make_config(steps=7, checkpoint_every=2, output_dir=str(folder))
+    config = make_config(steps=7, checkpoint_every=2, eval_every=2, output_dir=str(folder))
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny.gpt2(dropout=0.1), samples, config, hooks=[Interrupt(after=5)]).train()
+        Trainer(tiny.gpt2(dropout=0.1), samples, config, hooks=[Interrupt(after=5)], eval_fn=held_out).train()
     assert [p.name for _, p, _ in ckpt.list_checkpoints(folder / "checkpoints")] == [
         "step-000002",
         "step-000004",
@@ -46,15 +51,21 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, make_con
     # a fresh model with other initial weights: everything trainable comes from the checkpoint
     model = tiny.gpt2(seed=123, dropout=0.1)
     messages: list[str] = []
-    resumed = make_config(steps=7, checkpoint_every=2, output_dir=str(folder), resume=True)
-    result = Trainer(model, samples, resumed, log=messages.append).train()
+    resumed = make_config(steps=7, checkpoint_every=2, eval_every=2, output_dir=str(folder), resume=True)
+    result = Trainer(model, samples, resumed, log=messages.append, eval_fn=held_out).train()
 
     assert any("resumed from" in m and "step-000004" in m for m in messages)
     assert result.steps == 7
     for name, value in tiny.params_of(model).items():
         assert torch.equal(value, reference[name]), name
     logged = [json.loads(line)["step"] for line in result.log_path.read_text().splitlines()]
-    assert logged == [1, 2, 3, 4, 5, 6, 7]  # step 5 of the interrupted run is not logged twice
+    # steps 1-7 and the evaluations after steps 2, 4, 6 and at the end; step 5 of the interrupted
+    # run is not logged twice
+    assert logged == [1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 7]
+    # the held-out curve covers the whole run, evaluations before the resume included
+    assert [e["step"] for e in result.evals] == [e["step"] for e in reference_evals] == [2, 4, 6, 7]
+    for ours, ref in zip(result.evals, reference_evals, strict=True):
+        assert ours["eval_probe"] == pytest.approx(ref["eval_probe"], rel=1e-12)
 
 
 def test_a_failed_write_leaves_no_partial_file_in_view(tiny, make_config, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ class JsonlLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resume_step is None else read_log(path, up_to_step=resume_step)
+        self.kept = kept  # what a resumed run keeps of the interrupted one (its evaluations too)
         with open(path, "w") as handle:
             for record in kept:
                 handle.write(json.dumps(record) + "\n")

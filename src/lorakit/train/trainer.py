@@ -119,7 +119,8 @@ class Trainer:
         progress, order = self._begin()
         self._prepare_model()
         log = JsonlLog(self.output_dir / "log.jsonl", progress.step if progress.step else None)
-        evals: list[dict[str, float]] = []
+        # a resumed run reports the whole held-out curve, not only the evaluations after the resume
+        evals: list[dict[str, float]] = [r for r in log.kept if any(k.startswith("eval_") for k in r)]
         started = time.perf_counter() - progress.elapsed
         bar = tqdm(
             total=self.config.steps,
