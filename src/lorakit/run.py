@@ -169,6 +169,10 @@ class RunConfig:
     prefix_projection: int = field(
         default=0, metadata=_help("prefix tuning: hidden size of the reparameterisation MLP (0 = none)")
     )
+    quantize_embeddings: bool = field(
+        default=False,
+        metadata=_help("qlora: also store the embedding table (and the output head, tied or not) in NF4"),
+    )
 
 
 def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
@@ -201,6 +205,7 @@ def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
         "init_text": cfg.prompt_init_text,
         "tokenizer": tokenizer,
         "projection_size": cfg.prefix_projection,
+        "quantize_embeddings": cfg.quantize_embeddings,
     }
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 

@@ -129,7 +129,11 @@ def prepare(model: nn.Module, case: Case) -> tuple[nn.Module, int]:
         return model, sum(1 for m in model.modules() if isinstance(m, (lk.AdaptedLayer, lk.ModelAdapter)))
     if case.library == "peft":
         return _prepare_peft(model, case)
-    config_type = {"dora": lk.DoRAConfig, "qlora": lk.QLoRAConfig}.get(case.method, lk.LoRAConfig)
+    config_type = {
+        "dora": lk.DoRAConfig,
+        "qlora": lk.QLoRAConfig,
+        "qlora_emb": lambda **kw: lk.QLoRAConfig(quantize_embeddings=True, **kw),
+    }.get(case.method, lk.LoRAConfig)
     lk.apply(model, config_type(rank=RANK, alpha=ALPHA, target_modules="all-linear"))
     layers = _fill(_lorakit_pairs(model))
     if case.method == "dora":

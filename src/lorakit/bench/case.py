@@ -62,7 +62,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         from .build import bnb_weight_memory
 
         result["weights"] = bnb_weight_memory(model)
-    elif case.method == "qlora":
+    elif case.method in ("qlora", "qlora_emb"):
         from lorakit.quant.linear import weight_memory
 
         result["weights"] = weight_memory(model)

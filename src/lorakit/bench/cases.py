@@ -89,6 +89,8 @@ CASES: tuple[Case, ...] = (
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
     Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
     Case("qlora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="qlora"),
+    # opt-in: the tied embedding (and so the head) in NF4 as well, for the whole-model weight ratio
+    Case("qlora_emb_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="qlora_emb"),
     # PEFT's LoRA on transformers' bitsandbytes 4-bit load (NF4, double quantization, bf16 compute)
     Case("peft_qlora_bf16", "train", "peft", "unmerged", "bf16", "model", method="qlora"),
     # quantize + dequantize one QUANT_SHAPE fp32 matrix to NF4 (blocks of 64, double quantization),
@@ -136,6 +138,7 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
             (f"{m}_bf16", "lora_bf16")
             for m in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")
         ),
+        ("qlora_emb_bf16", "qlora_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
     ),

@@ -43,6 +43,8 @@ class QLoRAConfig(LoRAConfig):
     compute_dtype: str = "bfloat16"
     kernel: str = "torch"  # "bitsandbytes": bitsandbytes' matmul_4bit on the same packed bytes
     skip_modules: list[str] = field(default_factory=list)  # linear layers to keep in full precision
+    # opt-in: the embedding table (and the output head, tied or not) in NF4 too; see quant/embedding.py
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,7 +64,7 @@ class QLoRAConfig(LoRAConfig):
 
     def quantize(self, model: nn.Module) -> list[str]:
         """Put the model's linear layers in NF4 (layers already in 4 bits are kept as they are)."""
-        return quantize_model(
+        names = quantize_model(
             model,
             self.skip_modules,
             self.blocksize,
@@ -70,6 +72,13 @@ class QLoRAConfig(LoRAConfig):
             COMPUTE_DTYPES[self.compute_dtype],
             self.kernel,
         )
+        if self.quantize_embeddings:
+            from lorakit.quant.embedding import quantize_embeddings
+
+            names += quantize_embeddings(
+                model, self.blocksize, self.double_quant, COMPUTE_DTYPES[self.compute_dtype]
+            )
+        return names
 
     def apply_to(self, model: nn.Module, adapter_name: str) -> None:
         self.quantize(model)
@@ -82,6 +91,7 @@ class QLoRAConfig(LoRAConfig):
             "double_quant": self.double_quant,
             "compute_dtype": self.compute_dtype,
             "skip_modules": list(self.skip_modules),
+            "quantize_embeddings": self.quantize_embeddings,
         }
 
     def extra_files(self) -> dict[str, str]:
@@ -102,5 +112,6 @@ def quantize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike) -> dic
         double_quant=bool(record["double_quant"]),
         compute_dtype=str(record.get("compute_dtype", "bfloat16")),
         skip_modules=list(record.get("skip_modules", [])),
+        quantize_embeddings=bool(record.get("quantize_embeddings", False)),
     ).quantize(model)
     return record

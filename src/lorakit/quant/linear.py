@@ -218,11 +218,26 @@ def quantize_model(
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Replace every Linear4bit by the full-precision layer it approximates, in place."""
+    """Replace every Linear4bit (and Embedding4bit) by the full-precision layer it approximates, in
+    place. A head that shared a 4-bit embedding's codes gets the new embedding's weight: tied again."""
+    tables: dict[int, nn.Parameter] = {}
+    embeds = [name for name, m in model.named_modules() if getattr(m, "is_quantized_embedding", False)]
+    for name in embeds:
+        quantized = model.get_submodule(name)
+        module = quantized.dequantized_module(dtype)
+        model.set_submodule(name, module)
+        tables[quantized.packed.data_ptr()] = module.weight
     names = [name for name, m in model.named_modules() if isinstance(m, Linear4bit)]
     for name in names:
-        model.set_submodule(name, model.get_submodule(name).dequantized_module(dtype))
-    return names
+        quantized = model.get_submodule(name)
+        shared = tables.get(quantized.packed.data_ptr())
+        if shared is not None:
+            module = nn.Linear(quantized.in_features, quantized.out_features, bias=False, device="meta")
+            module.weight = shared
+        else:
+            module = quantized.dequantized_module(dtype)
+        model.set_submodule(name, module)
+    return embeds + names
 
 
 def weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, float]:
@@ -235,7 +250,15 @@ def weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, float
     """
     linear_actual = linear_reference = linear_params = packed_bytes = 0
     counted: set[int] = set()
+    embed_actual = embed_reference = 0
     for module in model.modules():
+        if getattr(module, "is_quantized_embedding", False):  # an NF4 table: counted once, with a tied head
+            embed_actual += module.weight.nbytes
+            embed_reference += module.num_embeddings * module.embedding_dim * reference_bytes
+            counted.update(t.data_ptr() for t in module.buffers())
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and module.packed.data_ptr() in counted:
+            continue  # a head over an NF4 embedding's codes
         if isinstance(module, Linear4bit):
             n = module.out_features * module.in_features
             bias = module.bias.numel() if module.bias is not None else 0
@@ -250,7 +273,8 @@ def weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, float
             continue
         counted.add(p.data_ptr())
         other += p.numel() * reference_bytes
-    model_actual, model_reference = linear_actual + other, linear_reference + other
+    model_actual = linear_actual + other + embed_actual
+    model_reference = linear_reference + other + embed_reference
     return {
         "model_bytes": model_actual,
         "model_reference_bytes": model_reference,

@@ -86,6 +86,11 @@ def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int)
         chunk_size = auto_chunk_rows(_vocab(head))
     if type(head) is nn.Linear:
         return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_size)
+    if getattr(head, "is_quantized_linear", False) and getattr(head, "bias", None) is None:
+        # a 4-bit head (an NF4 tied embedding): dequantize it once for all chunks, not per chunk
+        device = rows.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+        return linear_cross_entropy(rows, head.dequantize(dtype), None, targets, chunk_size)
     recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
     total = torch.zeros((), device=rows.device, dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
