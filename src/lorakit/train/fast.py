@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.core.contract import AdaptedLayer
+from lorakit.models import release_file_mapping
 
 from . import attention
 
@@ -109,17 +110,8 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
                 p.data = p.data.to(dtype)
         count += 1
     if count:
-        _own_memory(model)
+        release_file_mapping(model)
     return count
-
-
-def _own_memory(model: nn.Module) -> None:
-    """Copy the remaining tensors out of the safetensors file mapping, so the mapping (the whole
-    fp32 file, resident once read) is released now that the cast weights no longer need it."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.device.type == "cpu":
-                tensor.data = tensor.data.clone()
 
 
 def tune_allocator() -> bool:
