@@ -152,7 +152,8 @@ def test_chunked_loss_through_the_decoder_equals_the_verified_full_model_path(ti
     torch.testing.assert_close(direct, verified)
 
 
-def test_prepare_for_training_keeps_the_loss_and_gradients(tiny) -> None:
+@pytest.mark.parametrize("config", [lk.LoRAConfig, lk.DoRAConfig])
+def test_prepare_for_training_keeps_the_loss_and_gradients(tiny, config) -> None:
     """Every speed-up on: the bf16 loss and LoRA gradients are as close to fp32 training as plain
     autocast training with eager attention is (the kernel rounds scores to bf16 as eager does;
     SDPA keeps them in fp32)."""
@@ -161,7 +162,7 @@ def test_prepare_for_training_keeps_the_loss_and_gradients(tiny) -> None:
     def run(prepare: bool, amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
         model = tiny.llama()
         torch.manual_seed(0)  # the same A in every run
-        lk.apply(model, lk.LoRAConfig(rank=4, target_modules="all-linear", init="gaussian"))
+        lk.apply(model, config(rank=4, target_modules="all-linear", init="gaussian"))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -190,14 +191,16 @@ def test_prepare_for_training_keeps_the_loss_and_gradients(tiny) -> None:
         assert fast_err <= 2 * plain_err + 0.01, (name, fast_err, plain_err)
 
 
-def test_frozen_linears_go_to_bf16_but_trainable_tied_and_dora_weights_do_not(tiny) -> None:
+def test_frozen_linears_go_to_bf16_but_trainable_tied_and_pissa_weights_do_not(tiny) -> None:
     model = tiny.llama()
-    lk.apply(model, lk.DoRAConfig(rank=2, target_modules=["q_proj"]))
+    lk.apply(model, lk.LoRAConfig(rank=2, target_modules=["q_proj"], init="pissa"))
     count = store_frozen_linears(model, torch.bfloat16)
     params = dict(model.named_parameters())
     assert count > 0
     assert params["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16
-    assert params["model.layers.0.self_attn.q_proj.base_layer.weight"].dtype == torch.float32  # DoRA reads it
+    assert (
+        params["model.layers.0.self_attn.q_proj.base_layer.weight"].dtype == torch.float32
+    )  # PiSSA's residual
     assert all(p.dtype == torch.float32 for n, p in params.items() if p.requires_grad)
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert model.get_output_embeddings().weight.dtype == torch.float32

@@ -48,9 +48,10 @@ class Delta(nn.Module):
     roles: ClassVar[dict[str, Role]] = {}
     peft_keys: ClassVar[dict[str, str]] = {}
     mergeable: ClassVar[bool] = True
-    # True if the delta reads the base weight itself during training (DoRA's column norms): the
-    # trainer then leaves that weight in fp32 instead of storing it in bf16 (lorakit.train.fast).
-    reads_base_weight: ClassVar[bool] = False
+    # True if the delta needs the base weight kept at full precision (PiSSA adds its principal part
+    # back on unwrap): the trainer then leaves that weight in fp32 instead of storing it in bf16
+    # (lorakit.train.fast). DoRA reads W0 for its norms but takes them in fp32 from any dtype.
+    keeps_base_precision: ClassVar[bool] = False
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         raise NotImplementedError

@@ -57,7 +57,6 @@ class DoRADelta(LoRADelta):
     """The DoRA branch of one linear layer: LoRA's A and B plus a magnitude per output unit."""
 
     roles: ClassVar[dict[str, Role]] = {**LoRADelta.roles, "magnitude": Role.MAGNITUDE}
-    reads_base_weight: ClassVar[bool] = True
     peft_keys: ClassVar[dict[str, str]] = {
         **LoRADelta.peft_keys,
         "magnitude": "lora_magnitude_vector",

@@ -191,7 +191,7 @@ class LoRADelta(Delta):
         with torch.no_grad():
             self.lora_B.copy_(U[:, : self.rank] * root)  # (out, r)
             self.lora_A.copy_(root[:, None] * Vh[: self.rank])  # (r, in)
-        self.reads_base_weight = True  # unwrap adds B0 A0 back: keep the residual weight in fp32
+        self.keeps_base_precision = True  # unwrap adds B0 A0 back: keep the residual weight in fp32
         self.register_buffer("pissa_B0", self.lora_B.detach().clone())
         self.register_buffer("pissa_A0", self.lora_A.detach().clone())
         layer.set_weight_out_in(weight - self.scale * self.pissa_B0 @ self.pissa_A0)

@@ -14,8 +14,8 @@ beyond rounding order: the linear layers see the same bf16 operands autocast wou
   function written in torch ops was also tried: 0.2-0.3 s a step slower, and it saved 60 MB.)
 - frozen linear weights stored in the autocast dtype: autocast would cast each of them at every
   forward and keep the cast copy for backward; stored in bf16 they are cast never and kept once.
-  Only weights no adapter reads directly (DoRA reads its base weight's norm) and only
-  `nn.Linear` layers (not embeddings, whose fp32 rows start the fp32 residual stream, nor a tied
+  Only weights no adapter needs in full precision (PiSSA's residual base; DoRA takes its norms in
+  fp32 from the stored weight, whatever its dtype) and only `nn.Linear` layers (not embeddings, whose fp32 rows start the fp32 residual stream, nor a tied
   output head, nor quantized layers).
 - glibc's allocator told to keep freed memory (`tune_allocator`): PyTorch's CPU tensors come
   straight from malloc, and glibc returns every large free to the OS, so each step page-faults
@@ -96,7 +96,7 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
         id(layer.base_layer)
         for layer in model.modules()
         if isinstance(layer, AdaptedLayer)
-        and any(getattr(d, "reads_base_weight", False) for d in layer.adapters.values())
+        and any(getattr(d, "keeps_base_precision", False) for d in layer.adapters.values())
     }
     count = 0
     for module in model.modules():
