@@ -66,7 +66,8 @@ def prepare_for_training(model: nn.Module, amp_dtype: torch.dtype | None) -> lis
 
 
 # Norms whose output feeds only linear layers (q/k/v, gate/up, the output head) in their models.
-NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+# (Not Qwen3's: its class also normalises q and k per head, ahead of the rotary embedding.)
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Phi3RMSNorm")
 
 
 def cast_norm_outputs(model: nn.Module) -> int:
