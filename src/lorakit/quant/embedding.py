@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear4bit
+from .linear import Linear4bit, stored_nf4
 from .nf4 import NF4Tensor, _unpack, dequantize_nf4, quantize_nf4
 
 
@@ -47,15 +47,7 @@ class Embedding4bit(nn.Module):
 
     @property
     def weight(self) -> NF4Tensor:
-        return NF4Tensor(
-            self.packed,
-            self.absmax,
-            torch.Size((self.num_embeddings, self.embedding_dim)),
-            self.weight_dtype,
-            self.blocksize,
-            self.absmax_scale,
-            self.absmax_offset,
-        )
+        return stored_nf4(self, (self.num_embeddings, self.embedding_dim))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_nf4(self.weight, dtype)

@@ -44,6 +44,19 @@ class NF4Matmul(torch.autograd.Function):
             return grad_out.to(ctx.dtype) @ weight, None, None  # (..., in)
 
 
+def stored_nf4(module: nn.Module, shape: tuple[int, int]) -> NF4Tensor:
+    """The NF4Tensor a 4-bit module keeps as buffers (packed, absmax, absmax_scale, absmax_offset)."""
+    return NF4Tensor(
+        module.packed,
+        module.absmax,
+        torch.Size(shape),
+        module.weight_dtype,
+        module.blocksize,
+        module.absmax_scale,
+        module.absmax_offset,
+    )
+
+
 class Linear4bit(nn.Module):
     """nn.Linear with its weight in NF4 (frozen); the bias, if any, stays in its own dtype, frozen.
 
@@ -95,15 +108,7 @@ class Linear4bit(nn.Module):
     @property
     def weight(self) -> NF4Tensor:
         """The NF4 weight (out, in): shape, device and dequantize() like a tensor's, no float copy."""
-        return NF4Tensor(
-            self.packed,
-            self.absmax,
-            torch.Size((self.out_features, self.in_features)),
-            self.weight_dtype,
-            self.blocksize,
-            self.absmax_scale,
-            self.absmax_offset,
-        )
+        return stored_nf4(self, (self.out_features, self.in_features))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_nf4(self.weight, dtype)
