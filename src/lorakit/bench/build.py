@@ -71,6 +71,8 @@ def bnb_weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, f
     quantization-state tensor (absmax codes, their scales, code books) of each Linear4bit."""
     import bitsandbytes as bnb
 
+    from lorakit.quant.linear import frozen_bytes, weight_report
+
     linear_actual = linear_reference = linear_params = packed = 0
     counted: set[int] = set()
     for module in model.modules():
@@ -86,20 +88,8 @@ def bnb_weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, f
             linear_reference += (n + bias) * reference_bytes
             linear_params += n
             counted.update(t.data_ptr() for t in module.parameters())
-    other = sum(
-        p.numel() * reference_bytes
-        for p in {p.data_ptr(): p for p in model.parameters()}.values()
-        if not p.requires_grad and p.data_ptr() not in counted
-    )
-    return {
-        "model_bytes": linear_actual + other,
-        "model_reference_bytes": linear_reference + other,
-        "model_ratio": (linear_actual + other) / (linear_reference + other),
-        "linear_bytes": linear_actual,
-        "linear_reference_bytes": linear_reference,
-        "linear_ratio": linear_actual / linear_reference if linear_reference else float("nan"),
-        "linear_bits_per_parameter": 8 * packed / linear_params if linear_params else float("nan"),
-    }
+    other = frozen_bytes(model, counted, reference_bytes)
+    return weight_report(linear_actual, linear_reference, linear_params, packed, other, other)
 
 
 # the other schools at their CLI defaults (lorakit train --method adapter|prompt|prefix)

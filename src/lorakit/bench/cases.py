@@ -215,20 +215,17 @@ def select_cases(
     suites = SUITES if suite == "all" else (suite,)
     if any(s not in SUITES for s in suites):
         raise ValueError(f"unknown suite {suite!r}; expected one of: {', '.join(SUITES)}, all")
+
+    def runnable(case: Case) -> bool:
+        return case.library not in skipped and not (_needs_bnb(case) and not with_bnb)
+
     if names:
         chosen = [find_case(n) for n in names]
         stray = [c.name for c in chosen if c.suite not in suites]
         if stray:
             raise ValueError(f"cases {stray} are not in suite {suite!r}; use suite='all' or drop them")
-        return [c for c in chosen if c.library not in skipped and not (_needs_bnb(c) and not with_bnb)]
-    return [
-        c
-        for c in CASES
-        if c.suite in suites
-        and not c.extra
-        and c.library not in skipped
-        and not (_needs_bnb(c) and not with_bnb)
-    ]
+        return [c for c in chosen if runnable(c)]
+    return [c for c in CASES if c.suite in suites and not c.extra and runnable(c)]
 
 
 def _needs_bnb(case: Case) -> bool:

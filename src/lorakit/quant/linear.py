@@ -272,14 +272,38 @@ def weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, float
             linear_reference += (n + bias) * reference_bytes
             linear_params += n
             counted.update(t.data_ptr() for t in [*module.buffers(), *module.parameters()])
-    other = 0
+    other = frozen_bytes(model, counted, reference_bytes)
+    return weight_report(
+        linear_actual,
+        linear_reference,
+        linear_params,
+        packed_bytes,
+        other + embed_actual,
+        other + embed_reference,
+    )
+
+
+def frozen_bytes(model: nn.Module, counted: set[int], reference_bytes: int) -> int:
+    """Bytes of the frozen parameters not in `counted` (data pointers), at `reference_bytes` each."""
+    total = 0
     for p in model.parameters():
         if p.requires_grad or p.data_ptr() in counted:
             continue
         counted.add(p.data_ptr())
-        other += p.numel() * reference_bytes
-    model_actual = linear_actual + other + embed_actual
-    model_reference = linear_reference + other + embed_reference
+        total += p.numel() * reference_bytes
+    return total
+
+
+def weight_report(
+    linear_actual: int,
+    linear_reference: int,
+    linear_params: int,
+    packed_bytes: int,
+    rest_actual: int,
+    rest_reference: int,
+) -> dict[str, float]:
+    """The weight-memory figures the bench reports, from the 4-bit layers' totals and the rest's."""
+    model_actual, model_reference = linear_actual + rest_actual, linear_reference + rest_reference
     return {
         "model_bytes": model_actual,
         "model_reference_bytes": model_reference,
