@@ -82,15 +82,13 @@ def chunked_causal_lm_loss(
 
 def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
     """Sum of CE over row chunks (`chunk_size` rows; 0 = about LOGITS_CHUNK_BYTES of fp32 logits)."""
-    if chunk_size <= 0:
-        chunk_size = auto_chunk_rows(_vocab(head))
     if type(head) is nn.Linear:
         return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_size)
     if getattr(head, "is_quantized_linear", False) and getattr(head, "bias", None) is None:
         # a 4-bit head (an NF4 tied embedding): dequantize it once for all chunks, not per chunk
-        device = rows.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-        return linear_cross_entropy(rows, head.dequantize(dtype), None, targets, chunk_size)
+        return linear_cross_entropy(rows, head.dequantize(_compute_dtype(rows)), None, targets, chunk_size)
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_rows(_vocab(head))
     recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
     total = torch.zeros((), device=rows.device, dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
@@ -127,13 +125,18 @@ def linear_cross_entropy(
         raise ValueError(
             f"hidden must be (N, H) and targets (N,); got {tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
-    device = hidden.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     chunk = chunk_size if chunk_size > 0 else auto_chunk_rows(weight.shape[0])
-    with torch.autocast(device, enabled=False):
+    compute = _compute_dtype(hidden)  # read before autocast is switched off below
+    with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden, weight, bias, targets, chunk, compute, torch.is_grad_enabled()
         )
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a matmul on `t` runs in here: autocast's if it is on, else `t`'s own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
 _HEAD_CACHE: dict[int, tuple[weakref.ref, int, int, torch.dtype, Tensor]] = {}
