@@ -60,10 +60,9 @@ def load_model(
     ``path=None`` loads the default model (through the safetensors cache); otherwise ``path`` is a
     local Hugging Face model folder with safetensors weights. Nothing is ever downloaded.
     """
-    folder = default_model_cache() if path is None else _check_local_folder(Path(path))
+    folder = model_folder(path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    tokenizer = _load_tokenizer(folder)
-    ensure_pad_token(tokenizer)
+    tokenizer = load_tokenizer(folder)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
@@ -97,6 +96,18 @@ def default_model_cache() -> Path:
         _remove_dir(target)
     _build_cache(gguf, target)
     return target
+
+
+def model_folder(path: str | os.PathLike[str] | None = None) -> Path:
+    """The local folder `load_model(path)` reads: the default model's cache for None."""
+    return default_model_cache() if path is None else _check_local_folder(Path(path))
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model(path)` returns, without loading the weights."""
+    tokenizer = _load_tokenizer(model_folder(path))
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:

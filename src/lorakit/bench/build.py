@@ -56,10 +56,9 @@ def _load_bnb_4bit(model: str | None) -> tuple[nn.Module, Any]:
             tiny_llama().save_pretrained(tmp)
             folder, tokenizer = tmp, tiny_tokenizer()
         else:
-            from lorakit.models import default_model_cache
+            from lorakit.models import load_tokenizer, model_folder
 
-            _, tokenizer = lk.load_model(model)
-            folder = model or str(default_model_cache())
+            folder, tokenizer = str(model_folder(model)), load_tokenizer(model)
         loaded = AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
         )
