@@ -147,3 +147,26 @@ def test_bad_options_and_writes_into_4_bit_weights_are_refused() -> None:
     layer = model.model.layers[0].self_attn.q_proj
     with pytest.raises(lk.NotMergeableError, match="4 bits"):
         layer.set_weight_out_in(layer.weight_out_in())
+
+
+def test_quantizing_unmaps_the_safetensors_file_it_read(tmp_path) -> None:
+    """The replaced fp32 weights were pages of one file mapping; a tensor left in it (the
+    embedding) would keep every page counted in the process's memory."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(0).save_pretrained(tmp_path)
+    weights = str(tmp_path / "model.safetensors")
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return weights in maps.read()
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)
+    if not mapped():
+        pytest.skip("this safetensors/transformers pair copies the weights instead of mapping the file")
+    quantize_model(model)
+    gc.collect()
+    assert not mapped()
+    assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)
