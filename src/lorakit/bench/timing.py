@@ -13,22 +13,27 @@ from typing import Any
 def measure(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:
     """Run `fn` `warmup` times untimed, then `steps` times timed, one perf_counter pair per call.
 
-    Warm-up absorbs one-off costs (allocator growth, oneDNN kernel selection, lazy imports) that
-    a user pays once per process, not per call. The garbage collector is paused while timing: a
+    Warm-up absorbs one-off costs (allocator growth, oneDNN kernel selection, lazy imports, a
+    torch.compile) that a user pays once per process, not per call; their times are kept
+    (`warmup_s`) but stay out of the median. The garbage collector is paused while timing: a
     collection landing in one sample is noise, not a cost of the model. All samples are kept, none
     dropped, so a reader can see the spread on a noisy shared machine; the median summarises them.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1 to time anything, got {steps}")
-    for _ in range(warmup):
-        fn()
+    warmups = [_timed(fn) for _ in range(warmup)]
     gc.collect()
     gc.disable()
     try:
         samples = [_timed(fn) for _ in range(steps)]
     finally:
         gc.enable()
-    return {"samples_s": samples, "median_s": statistics.median(samples), "min_s": min(samples)}
+    return {
+        "samples_s": samples,
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "warmup_s": warmups,
+    }
 
 
 def _timed(fn: Callable[[], Any]) -> float:
