@@ -1,8 +1,9 @@
 """Training measurement: one AdamW step on a 4 x 256 batch, causal-LM loss on every token.
 
 lorakit's cases first get what the trainer does before its first step
-(`lorakit.train.fast.prepare_for_training`: its attention kernel, fused RMSNorm/SwiGLU, frozen
-linear weights in bf16, the allocator setting); PEFT's run the model as loaded, as PEFT users do.
+(`lorakit.train.fast.prepare_for_training`: its attention kernel, RMSNorm outputs cast once, frozen
+linear weights in bf16, the allocator setting, and on the default model compiled decoder layers,
+whose compilation falls in the warm-up steps); PEFT's run the model as loaded, as PEFT users do.
 lorakit's cases use its chunked loss (`lorakit.train.loss.chunked_causal_lm_loss`), which never
 builds fp32 logits for the whole batch; PEFT's cases call `model(input_ids, labels=...)` as PEFT
 users do. The `lora_model_loss_*` cases run lorakit with that same plain loss, so a reader can

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 NAME = "lorakit"
 
@@ -86,8 +87,8 @@ def _probs(
         alpha=scale,
     )
     probs = torch.softmax(scores, dim=-1, dtype=dtype or torch.promote_types(q.dtype, torch.float32))
-    if mask is not None:
-        probs.nan_to_num_(0.0)
+    if mask is not None:  # in place only outside autograd (the compiled path differentiates this)
+        probs = probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
     return probs.view(b, kv, rows, keys)
 
 
@@ -103,7 +104,8 @@ def _bias(
 ) -> Tensor:
     """The additive mask, (1 or B*KV, G*Q, K): 0 where a query may attend, -inf (or the float mask) elsewhere."""
     if mask is None:
-        return _causal_bias(groups, length, keys, dtype, str(device))
+        build = _causal_bias.__wrapped__ if torch.compiler.is_compiling() else _causal_bias
+        return build(groups, length, keys, dtype, str(device))
     if mask.dtype == torch.bool:  # (B or 1, 1, Q, K), True = attend
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
     grid = mask.to(dtype)[:, :, None].expand(-1, kv, groups, length, keys)  # (B or 1, KV, G, Q, K)
@@ -131,7 +133,16 @@ def grouped_attention(
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):
+        if torch.compiler.is_compiling():  # plain ops for TorchInductor, recomputed in backward
+            return checkpoint(_attention_math, q, k, v, mask, scale, use_reentrant=False)
         return _GroupedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale)
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """The kernel's forward in differentiable ops; compiled, the checkpoint around it makes backward
+    recompute the probabilities from q and k, as the eager kernel does, instead of keeping them."""
+    probs = _probs(q, k, mask, scale)  # fp32, so that backward's softmax gradient is eager's
+    return torch.matmul(probs.to(v.dtype), v).view(q.shape)
 
 
 def attention_forward(

@@ -20,6 +20,10 @@ beyond rounding order: the linear layers see the same bf16 operands autocast wou
 - glibc's allocator told to keep freed memory (`tune_allocator`): PyTorch's CPU tensors come
   straight from malloc, and glibc returns every large free to the OS, so each step page-faults
   its activations in again (a softmax over a fresh 9 MB tensor took 25 ms instead of 1.3 ms).
+- decoder layers compiled with `torch.compile` for training calls (`lorakit.train.compiled`):
+  the elementwise work between matmuls fused, attention probabilities, norm outputs and SwiGLU's
+  product recomputed in backward instead of kept. compile="auto" does it on a CPU for models of
+  50M+ parameters; the first step pays the compilation.
 """
 
 from __future__ import annotations
@@ -35,13 +39,28 @@ from torch import nn
 from lorakit.core.contract import AdaptedLayer
 from lorakit.models import release_file_mapping
 
-from . import attention
+from . import attention, compiled
+from .config import COMPILES
 
 _ALLOCATOR_TUNED = False
 
 
-def prepare_for_training(model: nn.Module, amp_dtype: torch.dtype | None) -> list[str]:
-    """Apply every speed-up that fits `model`; returns one line per change, for the log."""
+def prepare_for_training(
+    model: nn.Module,
+    amp_dtype: torch.dtype | None,
+    compile: str = "auto",
+    passes: int | None = None,
+) -> list[str]:
+    """Apply every speed-up that fits `model`; returns one line per change, for the log.
+
+    `compile`: "auto" compiles the decoder layers (`lorakit.train.compiled`) on a CPU for models of
+    at least `AUTO_MIN_PARAMETERS` parameters when a C++ compiler is found, unless a part of the
+    model is known to run slower compiled or `passes` (forward/backward passes the run will make,
+    if known) is below `AUTO_MIN_PASSES`; "on" compiles wherever possible (and raises where it is
+    not); "off" never.
+    """
+    if compile not in COMPILES:
+        raise ValueError(f"compile={compile!r}: choose one of {', '.join(COMPILES)}")
     done: list[str] = []
     device = next(model.parameters()).device
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -62,7 +81,35 @@ def prepare_for_training(model: nn.Module, amp_dtype: torch.dtype | None) -> lis
             )
     if device.type == "cpu" and tune_allocator():
         done.append("glibc malloc: freed memory kept for reuse (M_MMAP_THRESHOLD 32 MB, no trimming)")
+    if compile != "off":
+        done.append(_compile(model, device, compile, passes))
     return done
+
+
+def _compile(model: nn.Module, device: torch.device, mode: str, passes: int | None) -> str:
+    problem = compiled.compile_problem(model)
+    if problem is not None:
+        if mode == "on":
+            raise ValueError(f"compile='on' is not possible here: {problem}. Use compile='auto' or 'off'")
+        return f"torch.compile: not used ({problem})"
+    size = sum(p.numel() for p in model.parameters())
+    if mode == "auto" and device.type != "cpu":
+        return "torch.compile: not used (compile='auto' compiles on CPUs only; 'on' compiles here too)"
+    if mode == "auto" and size < compiled.AUTO_MIN_PARAMETERS:
+        return (
+            f"torch.compile: not used ({size:,} parameters: compiling takes longer than it saves "
+            f"below {compiled.AUTO_MIN_PARAMETERS:,}; compile='on' forces it)"
+        )
+    if mode == "auto" and passes is not None and passes < compiled.AUTO_MIN_PASSES:
+        return (
+            f"torch.compile: not used ({passes} forward/backward passes: compiling (20-40 s) costs "
+            f"more than it saves below {compiled.AUTO_MIN_PASSES}; compile='on' forces it)"
+        )
+    slower = compiled.slower_compiled(model) if mode == "auto" else None
+    if slower is not None:
+        return f"torch.compile: not used ({slower}; compile='on' forces it)"
+    count = compiled.compile_layers(model)
+    return f"torch.compile: {count} decoder layers compiled for training (the first step compiles them)"
 
 
 # Norms whose output feeds only linear layers (q/k/v, gate/up, the output head) in their models.
@@ -126,6 +173,9 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
+    # First hand back what loading left free (a QLoRA load frees the whole fp32 model): kept from
+    # here on, it would sit in every later figure of this process's resident memory.
+    getattr(libc, "malloc_trim", lambda pad: 0)(0)
     ok = mallopt(m_mmap_threshold, 32 * 2**20) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
     _ALLOCATOR_TUNED = ok
     return ok

@@ -287,7 +287,12 @@ class Trainer:
     def _prepare_model(self) -> None:
         self.model.train()
         if self.config.fast_kernels:
-            for line in prepare_for_training(self.model, self.amp_dtype):
+            for line in prepare_for_training(
+                self.model,
+                self.amp_dtype,
+                self.config.compile,
+                passes=self.config.steps * self.config.accumulation_steps,
+            ):
                 self._say(line)
         if self.config.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
