@@ -48,6 +48,8 @@ def _combine_timing(timings: list[dict[str, Any]]) -> dict[str, Any]:
         "samples_s": samples,
         "min_s": min(samples),
     }
+    if all("warmup_s" in t for t in timings):  # the one-off costs, round by round
+        combined["warmup_s"] = [s for t in timings for s in t["warmup_s"]]
     if "tokens_per_s" in timings[0]:  # the work per sample is fixed: tokens = rate x time
         tokens = timings[0]["tokens_per_s"] * timings[0]["median_s"]
         combined["tokens_per_s"] = tokens / combined["median_s"]
