@@ -99,6 +99,18 @@ def test_train_cases_run_and_agree_on_the_first_loss(tmp_path: Path) -> None:
     assert suite["checks"]["lora_fp32 vs peft_lora_fp32"]["first_loss_abs_diff"] < 1e-4
 
 
+def test_compiled_train_case_compiles_and_keeps_the_loss(tmp_path: Path) -> None:
+    report = _tiny("train", tmp_path, ["lora_bf16", "lora_bf16_compiled"], steps=2, warmup=1)
+    assert report["failed"] == []
+    suite = report["suites"]["train"]
+    compiled = suite["cases"]["lora_bf16_compiled"]
+    assert "torch.compile: 2 decoder layers compiled" in " ".join(compiled["prepared"])
+    assert "torch.compile" not in " ".join(suite["cases"]["lora_bf16"]["prepared"])
+    assert len(compiled["step"]["warmup_s"]) == 1  # the compilation's step, kept apart from the median
+    assert "lora_bf16_compiled/lora_bf16" in suite["ratios"]
+    assert suite["checks"]["lora_bf16_compiled vs lora_bf16"]["first_loss_abs_diff"] < 2e-2  # bf16
+
+
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
 def test_dora_cases_hold_the_same_function_as_peft_dora(tmp_path: Path) -> None:
     # PEFT sets its magnitude from its own random B at creation; the bench must equalise both,

@@ -45,6 +45,7 @@ class Case:
     extra: bool = False  # not run by default; only when named in `cases`
     batch: int = 1  # infer: rows generated at once (the same prompt repeated)
     checkpointing: bool = False  # train: activation checkpointing per decoder layer (the memory mode)
+    compile: str = "off"  # train: prepare_for_training's compile ("on": compiled decoder layers)
 
 
 CASES: tuple[Case, ...] = (
@@ -84,6 +85,19 @@ CASES: tuple[Case, ...] = (
     Case("lora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked"),
     Case("peft_lora_bf16", "train", "peft", "unmerged", "bf16", "model"),
     Case("lora_bf16_ckpt", "train", "lorakit", "unmerged", "bf16", "chunked", checkpointing=True),
+    # `lorakit train --compile on` (auto compiles runs of 1,000+ passes): compiled decoder layers
+    Case("lora_bf16_compiled", "train", "lorakit", "unmerged", "bf16", "chunked", extra=True, compile="on"),
+    Case(
+        "lora_bf16_compiled_ckpt",
+        "train",
+        "lorakit",
+        "unmerged",
+        "bf16",
+        "chunked",
+        extra=True,
+        checkpointing=True,
+        compile="on",
+    ),
     Case("dora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="dora"),
     Case("peft_dora_bf16", "train", "peft", "unmerged", "bf16", "model", method="dora"),
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
@@ -126,6 +140,10 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_bf16", "peft_lora_bf16"),
         ("lora_bf16_ckpt", "peft_lora_bf16"),
         ("lora_bf16_ckpt", "lora_bf16"),
+        ("lora_bf16_compiled", "peft_lora_bf16"),
+        ("lora_bf16_compiled", "lora_bf16"),
+        ("lora_bf16_compiled_ckpt", "peft_lora_bf16"),
+        ("lora_bf16_compiled_ckpt", "lora_bf16_compiled"),
         ("lora_model_loss_fp32", "peft_lora_fp32"),
         ("lora_model_loss_bf16", "peft_lora_bf16"),
         ("lora_bf16", "lora_fp32"),
@@ -164,6 +182,7 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_fp32", "peft_lora_fp32"),
         ("lora_model_loss_fp32", "peft_lora_fp32"),
         ("lora_bf16", "peft_lora_bf16"),
+        ("lora_bf16_compiled", "lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
     ),

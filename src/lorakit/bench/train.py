@@ -2,7 +2,7 @@
 
 lorakit's cases first get what the trainer does before its first step
 (`lorakit.train.fast.prepare_for_training`: its attention kernel, RMSNorm outputs cast once, frozen
-linear weights in bf16, the allocator setting, and on the default model compiled decoder layers,
+linear weights in bf16, the allocator setting; the `_compiled` cases also compiled decoder layers,
 whose compilation falls in the warm-up steps); PEFT's run the model as loaded, as PEFT users do.
 lorakit's cases use its chunked loss (`lorakit.train.loss.chunked_causal_lm_loss`), which never
 builds fp32 logits for the whole batch; PEFT's cases call `model(input_ids, labels=...)` as PEFT
@@ -34,7 +34,7 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
     if case.library == "lorakit":  # what `lorakit train` does before its first step
         from lorakit.train.fast import prepare_for_training
 
-        prepared = prepare_for_training(model, torch.bfloat16 if case.dtype == "bf16" else None)
+        prepared = prepare_for_training(model, torch.bfloat16 if case.dtype == "bf16" else None, case.compile)
         if case.checkpointing:  # `lorakit train --gradient-checkpointing`
             from lorakit.train.trainer import enable_activation_checkpointing
 

@@ -7,9 +7,11 @@ casts autocast inserts) into a few C++ loops, forward and backward, and keeps fe
 The matmuls themselves stay oneDNN's. Gradients come out slightly *closer* to fp32 training than
 eager bf16 autocast (fewer intermediate roundings; docs/benchmarks.md has the figures).
 
-What it costs: one compilation (about 40 s on the default model, 20 s when TorchInductor's on-disk
-cache already holds the kernels), with `dynamic=True` so that the trainer's micro-batches of every
-length and size share it. One compiled function serves every layer of a class. Only calls that
+What it costs: one compilation (about 115 s on the default model with a cold TorchInductor cache on
+2 cores, 20 s when its on-disk cache already holds the kernels), with `dynamic=True` so that the
+trainer's micro-batches of every length and size share it. What it saves depends on the shapes:
+~0.3 s a pass at 4 x 256 tokens, ~0.1 s at the default run's 8 x ~75 (1.59 against 1.68 s a step),
+so `compile="auto"` waits for runs of 1,000+ passes. One compiled function serves every layer of a class. Only calls that
 build a graph for backward take the compiled path (grad enabled, module in training mode, no KV
 cache passed in); evaluation and generation run the layer's own forward, unchanged.
 
@@ -31,8 +33,10 @@ from torch.utils.checkpoint import checkpoint
 
 # Models below this size compile for longer than they run (the test suite's tiny models, say).
 AUTO_MIN_PARAMETERS = 50_000_000
-# nor runs this short: on the default model compiling costs 20-40 s and saves ~0.3 s a pass.
-AUTO_MIN_PASSES = 100
+# nor runs this short. Compiling the default model costs ~115 s with a cold TorchInductor cache and
+# ~20 s with a warm one; a pass saves ~0.3 s at 4 x 256 tokens but only ~0.1 s at the default run's
+# 8 x ~75, so its 300 passes came out 80 s slower compiled (cold). Long runs gain.
+AUTO_MIN_PASSES = 1000
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 # Llama-style MLPs, down(act(gate(x)) * up(x)), whose product is recomputed in backward.
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")

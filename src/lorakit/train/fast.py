@@ -23,7 +23,7 @@ beyond rounding order: the linear layers see the same bf16 operands autocast wou
 - decoder layers compiled with `torch.compile` for training calls (`lorakit.train.compiled`):
   the elementwise work between matmuls fused, attention probabilities, norm outputs and SwiGLU's
   product recomputed in backward instead of kept. compile="auto" does it on a CPU for models of
-  50M+ parameters; the first step pays the compilation.
+  50M+ parameters and runs of 1,000+ passes; the first step pays the compilation.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _compile(model: nn.Module, device: torch.device, mode: str, passes: int | No
         )
     if mode == "auto" and passes is not None and passes < compiled.AUTO_MIN_PASSES:
         return (
-            f"torch.compile: not used ({passes} forward/backward passes: compiling (20-40 s) costs "
+            f"torch.compile: not used ({passes} forward/backward passes: compiling (20-115 s) costs "
             f"more than it saves below {compiled.AUTO_MIN_PASSES}; compile='on' forces it)"
         )
     slower = compiled.slower_compiled(model) if mode == "auto" else None
