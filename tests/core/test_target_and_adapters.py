@@ -128,3 +128,36 @@ def test_new_adapters_follow_the_models_training_mode(training: bool) -> None:
                 if p.requires_grad:
                     p.normal_()  # B = 0 at init would hide dropout
             torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_lora_without_gradients_fuses_its_addition_and_computes_the_same() -> None:
+    """No-grad LoRA adds its branch with one addmm; the result is the reference formula
+    out + scale * (x A^T) B^T, and what the gradient-enabled (unfused) path computes."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from lorakit.methods.lora import LoRADelta
+
+    layer = nn.Linear(12, 10)
+    lk_model = nn.Sequential(layer)
+    lk.apply(lk_model, lk.LoRAConfig(rank=3, alpha=6, target_modules=["0"], init="gaussian"))
+    adapted = lk_model[0]
+    delta = adapted.adapters["default"]
+    assert isinstance(delta, LoRADelta)
+    with torch.no_grad():
+        delta.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+    calls = []
+    real_addmm = torch.addmm
+    try:
+        torch.addmm = lambda *a, **k: calls.append(1) or real_addmm(*a, **k)  # type: ignore[assignment]
+        with torch.no_grad():
+            fused = adapted(x)
+        unfused = adapted(x)
+    finally:
+        torch.addmm = real_addmm
+    assert len(calls) == 1  # only the no-grad call took the fused path
+    base = F.linear(x, adapted.base_layer.weight, adapted.base_layer.bias)
+    reference = base + 2.0 * (x @ delta.lora_A.T) @ delta.lora_B.T
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(fused, unfused.detach())

@@ -56,6 +56,10 @@ class Delta(nn.Module):
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         raise NotImplementedError
 
+    def add_to(self, out: Tensor, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
+        """`out` plus this delta's output; a method may fuse the addition into its last op."""
+        return out + self(x, base_out, layer)
+
     def merged_weight(self, weight: Tensor) -> Tensor:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weight")
 
@@ -160,7 +164,7 @@ class AdaptedLayer(nn.Module):
             if name in self.merged:
                 continue
             if self.enabled and name in self.active:
-                out = out + delta(x, base_out, self)
+                out = delta.add_to(out, x, base_out, self)
             elif (correction := delta.base_correction(x, self)) is not None:
                 out = out + correction
         return out

@@ -203,6 +203,25 @@ class LoRADelta(Delta):
         h = F.linear(x, self.lora_A)  # (..., r)
         return (F.linear(h, self.lora_B) * self.scale).to(base_out.dtype)  # (..., out)
 
+    def add_to(self, out: Tensor, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
+        """Without gradients, out + scale * (x A^T) B^T with the B matmul, the scale and the addition
+        in one addmm: two fewer passes over the (tokens, out) output, 2-5% of an unmerged forward."""
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else self.lora_B.dtype
+        if torch.is_grad_enabled() or type(self).forward is not LoRADelta.forward or out.dtype != dtype:
+            # training keeps the separate ops (under bf16 autocast the fused addmm's gradients came out
+            # further from fp32 in tests/train/test_fast.py); a subclass's own forward; a mixed base
+            return super().add_to(out, x, base_out, layer)
+        x = self.dropout(x)
+        if not autocast:
+            x = x.to(self.lora_A.dtype)
+        h = F.linear(x, self.lora_A)  # (..., r)
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale
+        )
+        return flat.view(out.shape)
+
     def delta_weight(self) -> Tensor:
         return self.scale * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
 
