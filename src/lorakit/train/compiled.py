@@ -1,9 +1,10 @@
 """Decoder layers compiled with `torch.compile` for the training forward and backward only.
 
 On the default model (4 x 256 tokens, bf16 autocast, 2 CPU threads) compiling each decoder layer
-took a LoRA step from 1.50 to 1.16 s and its peak RSS down by about 130 MB: TorchInductor fuses the
-elementwise work between the matmuls (RMSNorm, rotary embedding, SiLU x up, residual adds, the
-casts autocast inserts) into a few C++ loops, forward and backward, and keeps fewer intermediates.
+took a LoRA step from ~1.4-1.5 to ~1.2 s and its peak RSS from ~1.95 to ~1.42 GB: TorchInductor fuses
+the elementwise work between the matmuls (RMSNorm, rotary embedding, SiLU x up, residual adds, the
+casts autocast inserts) into a few C++ loops, forward and backward, and `recompute_in_backward`
+plus the attention's checkpoint make backward recompute cheap tensors instead of keeping them.
 The matmuls themselves stay oneDNN's. Gradients come out slightly *closer* to fp32 training than
 eager bf16 autocast (fewer intermediate roundings; docs/benchmarks.md has the figures).
 
@@ -11,9 +12,9 @@ What it costs: one compilation (about 115 s on the default model with a cold Tor
 2 cores, 20 s when its on-disk cache already holds the kernels), with `dynamic=True` so that the
 trainer's micro-batches of every length and size share it. What it saves depends on the shapes:
 ~0.3 s a pass at 4 x 256 tokens, ~0.1 s at the default run's 8 x ~75 (1.59 against 1.68 s a step),
-so `compile="auto"` waits for runs of 1,000+ passes. One compiled function serves every layer of a class. Only calls that
-build a graph for backward take the compiled path (grad enabled, module in training mode, no KV
-cache passed in); evaluation and generation run the layer's own forward, unchanged.
+so `compile="auto"` waits for runs of 1,000+ passes. One compiled function serves every layer of
+a class. Only calls that build a graph for backward take the compiled path (grad enabled, module
+in training mode, no KV cache passed in); evaluation and generation run the layer's own forward.
 
 It never costs a run: if compiling or running the compiled layer raises, the same call runs the
 eager forward; if that succeeds, compiling is switched off for the model (with a warning) and
