@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .fast import NORMS, to_autocast_dtype
+
 # Models below this size compile for longer than they run (the test suite's tiny models, say).
 AUTO_MIN_PARAMETERS = 50_000_000
 # nor runs this short. Compiling the default model costs ~115 s with a cold TorchInductor cache and
@@ -158,8 +160,6 @@ def recompute_in_backward(model: nn.Module) -> int:
     from gate and up: together -170 MB of peak RSS on the default model, no measurable time.
     Outside `torch.compile` the modules run their own forward unchanged.
     """
-    from .fast import NORMS  # fast imports this module
-
     count = 0
     for module in model.modules():
         name = type(module).__name__
@@ -189,6 +189,4 @@ def _norm_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 def _norm_cast(norm: nn.Module, x: Tensor) -> Tensor:
     """The norm's output in the autocast dtype, as `fast.cast_norm_outputs` hands it on."""
-    out = type(norm).forward(norm, x)
-    device = out.device.type
-    return out.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else out
+    return to_autocast_dtype(type(norm).forward(norm, x))

@@ -15,8 +15,8 @@ beyond rounding order: the linear layers see the same bf16 operands autocast wou
 - frozen linear weights stored in the autocast dtype: autocast would cast each of them at every
   forward and keep the cast copy for backward; stored in bf16 they are cast never and kept once.
   Only weights no adapter needs in full precision (PiSSA's residual base; DoRA takes its norms in
-  fp32 from the stored weight, whatever its dtype) and only `nn.Linear` layers (not embeddings, whose fp32 rows start the fp32 residual stream, nor a tied
-  output head, nor quantized layers).
+  fp32 from the stored weight, whatever its dtype) and only `nn.Linear` layers (not embeddings,
+  whose fp32 rows start the fp32 residual stream, nor a tied output head, nor quantized layers).
 - glibc's allocator told to keep freed memory (`tune_allocator`): PyTorch's CPU tensors come
   straight from malloc, and glibc returns every large free to the OS, so each step page-faults
   its activations in again (a softmax over a fresh 9 MB tensor took 25 ms instead of 1.3 ms).
@@ -39,7 +39,7 @@ from torch import nn
 from lorakit.core.contract import AdaptedLayer
 from lorakit.models import release_file_mapping
 
-from . import attention, compiled
+from . import attention
 from .config import COMPILES
 
 _ALLOCATOR_TUNED = False
@@ -87,14 +87,16 @@ def prepare_for_training(
 
 
 def _compile(model: nn.Module, device: torch.device, mode: str, passes: int | None) -> str:
+    from . import compiled  # it builds on this module's norms and casts
+
     problem = compiled.compile_problem(model)
     if problem is not None:
         if mode == "on":
             raise ValueError(f"compile='on' is not possible here: {problem}. Use compile='auto' or 'off'")
         return f"torch.compile: not used ({problem})"
-    size = sum(p.numel() for p in model.parameters())
     if mode == "auto" and device.type != "cpu":
         return "torch.compile: not used (compile='auto' compiles on CPUs only; 'on' compiles here too)"
+    size = sum(p.numel() for p in model.parameters())
     if mode == "auto" and size < compiled.AUTO_MIN_PARAMETERS:
         return (
             f"torch.compile: not used ({size:,} parameters: compiling takes longer than it saves "
@@ -129,6 +131,11 @@ def cast_norm_outputs(model: nn.Module) -> int:
 
 
 def _cast_output(module: nn.Module, args: Any, output: Any) -> Any:
+    return to_autocast_dtype(output)
+
+
+def to_autocast_dtype(output: Any) -> Any:
+    """A tensor in the autocast dtype while autocast is on for its device; anything else as it is."""
     if isinstance(output, torch.Tensor):
         device = output.device.type
         if torch.is_autocast_enabled(device):
@@ -173,9 +180,6 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    # First hand back what loading left free (a QLoRA load frees the whole fp32 model): kept from
-    # here on, it would sit in every later figure of this process's resident memory.
-    getattr(libc, "malloc_trim", lambda pad: 0)(0)
     ok = mallopt(m_mmap_threshold, 32 * 2**20) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
     _ALLOCATOR_TUNED = ok
     return ok
