@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit as lk
-from lorakit.train.attention import grouped_attention
+from lorakit.train.attention import _attention_math, grouped_attention
 from lorakit.train.batching import default_collate
 from lorakit.train.fast import prepare_for_training, store_frozen_linears
 from lorakit.train.loss import auto_chunk_rows, chunked_causal_lm_loss, linear_cross_entropy
@@ -38,8 +38,11 @@ def _qkv(batch=2, heads=6, kv=2, length=7, keys=None, dim=8, dtype=torch.float64
     return make(batch, heads, length, dim), make(batch, kv, keys, dim), make(batch, kv, keys, dim)
 
 
+@pytest.mark.parametrize("impl", ["kernel", "compiled_math"])
 @pytest.mark.parametrize("kind", ["causal", "causal_with_past", "padding", "fully_masked_row"])
-def test_grouped_attention_matches_reference_values_and_gradients(kind: str) -> None:
+def test_grouped_attention_matches_reference_values_and_gradients(kind: str, impl: str) -> None:
+    """The eager kernel (rows of a group stacked group-major) and the plain ops compiled layers
+    trace (query-major) against attention with repeated key/value heads."""
     keys = 10 if kind == "causal_with_past" else None
     q, k, v = _qkv(keys=keys)
     mask = None
@@ -50,7 +53,10 @@ def test_grouped_attention_matches_reference_values_and_gradients(kind: str) -> 
         if kind == "fully_masked_row":
             mask[1, :, 0, :] = False
     grad = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(1))
-    ours = grouped_attention(q, k, v, mask)
+    if impl == "kernel":
+        ours = grouped_attention(q, k, v, mask)
+    else:
+        ours = _attention_math(q, k, v, mask, q.shape[-1] ** -0.5)
     ref = reference_attention(q, k, v, mask)
     torch.testing.assert_close(ours, ref)
     for a, b in zip(
@@ -111,21 +117,28 @@ def test_linear_cross_entropy_matches_reference(chunk: int, with_bias: bool) -> 
         torch.testing.assert_close(a, b)
 
 
-def test_linear_cross_entropy_under_autocast_matches_the_autocast_path() -> None:
-    """bf16 logits, fp32 softmax, bf16 gradient matmul: what nn.Linear + F.cross_entropy do."""
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_linear_cross_entropy_under_autocast_matches_the_autocast_path(trainable_head: bool) -> None:
+    """bf16 logits, fp32 softmax, bf16 gradient matmul: what nn.Linear + F.cross_entropy do.
+
+    40 rows in chunks of 7: bf16 logit blocks of 14 rows, each softmaxed in two fp32 chunks, the
+    last block partial (14, 14, 12 = 7 + 5)."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(40, 16, generator=gen, requires_grad=True)
-    weight = torch.randn(300, 16, generator=gen)  # frozen, as a tied LoRA head
+    weight = torch.randn(300, 16, generator=gen, requires_grad=trainable_head)  # frozen: a tied LoRA head
+    bias = torch.randn(300, generator=gen, requires_grad=True) if trainable_head else None
     targets = torch.randint(0, 300, (40,), generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = linear_cross_entropy(hidden, weight, None, targets, chunk_size=7)
-        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+        ours = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=7)
+        ref = F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
-    (g_ours,) = torch.autograd.grad(ours, hidden)
-    (g_ref,) = torch.autograd.grad(ref, hidden)
-    assert g_ours.dtype == torch.float32
-    torch.testing.assert_close(g_ours, g_ref, rtol=2e-2, atol=2e-2)
+    inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(ours, inputs)
+    want = torch.autograd.grad(ref, inputs)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_linear_cross_entropy_without_grad_keeps_nothing() -> None:
