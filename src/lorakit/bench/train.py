@@ -3,7 +3,8 @@
 lorakit's cases first get what the trainer does before its first step
 (`lorakit.train.fast.prepare_for_training`: its attention kernel, RMSNorm outputs cast once, frozen
 linear weights in bf16, the allocator setting; the `_compiled` cases also compiled decoder layers,
-whose compilation falls in the warm-up steps); PEFT's run the model as loaded, as PEFT users do.
+whose compilation falls in the warm-up steps) and the trainer's AdamW (torch's fused kernel); PEFT's
+run the model as loaded with torch's default AdamW, as PEFT's examples do.
 lorakit's cases use its chunked loss (`lorakit.train.loss.chunked_causal_lm_loss`), which never
 builds fp32 logits for the whole batch; PEFT's cases call `model(input_ids, labels=...)` as PEFT
 users do. The `lora_model_loss_*` cases run lorakit with that same plain loss, so a reader can
@@ -24,6 +25,7 @@ from .cases import TRAIN_BATCH, TRAIN_SEQ, Case
 from .timing import measure, peak_rss_since_reset_mb, reset_peak_rss
 
 LR = 1e-4
+WEIGHT_DECAY = 0.01  # torch's AdamW default, for both libraries
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
@@ -43,7 +45,16 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
     ids = _batch(model)
     loss_fn, loss_name = _loss_fn(case.loss)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR)
+    if case.library == "lorakit":  # the trainer's AdamW (fused where torch has the kernel)
+        from lorakit.train.config import TrainConfig
+        from lorakit.train.optim import build_optimizer
+
+        optimizer = build_optimizer(
+            [{"params": params}], TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY), ids.device
+        )
+        prepared.append(f"optimizer: {type(optimizer).__name__}, fused={optimizer.defaults.get('fused')}")
+    else:  # what PEFT's examples write
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     losses: list[float] = []
 
     def step() -> None:
