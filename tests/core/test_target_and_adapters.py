@@ -161,3 +161,25 @@ def test_lora_without_gradients_fuses_its_addition_and_computes_the_same() -> No
     reference = base + 2.0 * (x @ delta.lora_A.T) @ delta.lora_B.T
     torch.testing.assert_close(fused, reference)
     torch.testing.assert_close(fused, unfused.detach())
+
+
+def test_lora_without_gradients_applies_dropout_only_in_training_mode() -> None:
+    """The no-grad fast path reads the dropout module itself: active while training (two calls
+    differ), off in eval mode (the reference formula)."""
+    from torch import nn
+
+    layer = nn.Linear(16, 8, bias=False)
+    model = nn.Sequential(layer)
+    lk.apply(model, lk.LoRAConfig(rank=4, alpha=4, dropout=0.5, target_modules=["0"], init="gaussian"))
+    adapted = model[0]
+    delta = adapted.adapters["default"]
+    with torch.no_grad():
+        delta.lora_B.normal_(generator=torch.Generator().manual_seed(3))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    base = x @ adapted.base_layer.weight.T
+    with torch.no_grad():
+        model.train()
+        first, second = adapted(x), adapted(x)
+        assert not torch.allclose(first, second)  # two dropout masks
+        model.eval()
+        torch.testing.assert_close(adapted(x), base + (x @ delta.lora_A.T) @ delta.lora_B.T)
