@@ -135,9 +135,7 @@ def test_auto_compiles_only_big_models_on_cpu_and_on_needs_a_compiler(tiny, monk
     monkeypatch.setattr(compiled, "AUTO_MIN_PARAMETERS", 0)  # as if the tiny model were big
     dora = tiny.llama()
     lk.apply(dora, lk.DoRAConfig(rank=4, target_modules="all-linear"))
-    done = prepare_for_training(dora.train(), None)
-    assert "DoRA's weight norms ran slower compiled" in done[-1]  # auto leaves it eager
-    assert "forward" not in dora.model.layers[0].__dict__
+    assert compiled.slower_compiled(dora) is None  # DoRA compiles well since prepare_compiled
     qlora = tiny.llama()
     lk.apply(qlora, lk.QLoRAConfig(rank=4, target_modules="all-linear"))
     assert "NF4 layers run uncompiled" in prepare_for_training(qlora.train(), None)[-1]
@@ -178,3 +176,45 @@ def test_attention_math_for_the_compiler_equals_the_kernel() -> None:
         strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_dora_trains_like_eager_dora_with_its_norm_computed_outside(tiny) -> None:
+    """DoRA's weight norms come from Delta.prepare_compiled (eager, before each compiled call);
+    losses and gradients, the magnitude's included, equal eager DoRA's, and no norm outlives a call."""
+    from lorakit.methods.dora import DoRADelta
+
+    def dora_model():
+        model = tiny.llama()
+        torch.manual_seed(0)
+        lk.apply(model, lk.DoRAConfig(rank=4, target_modules="all-linear", init="gaussian"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(6))
+        return model.train()
+
+    eager, fast = dora_model(), dora_model()
+    prepare_for_training(fast, None, compile="on")
+    deltas = [m for m in fast.modules() if isinstance(m, DoRADelta)]
+    seen = []
+    original = DoRADelta.prepare_compiled
+
+    def spy(self, layer):
+        seen.append(self)
+        original(self, layer)
+
+    DoRADelta.prepare_compiled = spy
+    try:
+        batch = default_collate(tiny.samples(4, seed=3, max_len=14), pad_id=0)
+        ref_loss, ref_grads = _step(eager, batch, amp=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+            loss, grads = _step(fast, batch, amp=False)
+    finally:
+        DoRADelta.prepare_compiled = original
+    assert set(map(id, seen)) == set(map(id, deltas))  # every DoRA layer got its norm from outside
+    assert all(d._compiled_norm is None for d in deltas)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert any("magnitude" in name for name in grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)

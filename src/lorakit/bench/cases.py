@@ -99,6 +99,17 @@ CASES: tuple[Case, ...] = (
         compile="on",
     ),
     Case("dora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="dora"),
+    Case(
+        "dora_bf16_compiled",
+        "train",
+        "lorakit",
+        "unmerged",
+        "bf16",
+        "chunked",
+        method="dora",
+        extra=True,
+        compile="on",
+    ),
     Case("peft_dora_bf16", "train", "peft", "unmerged", "bf16", "model", method="dora"),
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
     Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
@@ -151,6 +162,9 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("dora_bf16", "lora_bf16"),
         ("peft_dora_bf16", "peft_lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
+        ("dora_bf16_compiled", "lora_bf16_compiled"),
+        ("dora_bf16_compiled", "peft_dora_bf16"),
+        ("dora_bf16_compiled", "dora_bf16"),
         ("qlora_bf16", "lora_bf16"),
         *(
             (f"{m}_bf16", "lora_bf16")

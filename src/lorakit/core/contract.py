@@ -60,6 +60,16 @@ class Delta(nn.Module):
         """`out` plus this delta's output; a method may fuse the addition into its last op."""
         return out + self(x, base_out, layer)
 
+    def prepare_compiled(self, layer: AdaptedLayer) -> None:
+        """Called eagerly right before each compiled training call of the decoder layer holding this
+        delta (`lorakit.train.compiled`): compute here, outside the traced code, what the forward
+        needs and the compiler handles badly (DoRA's weight norms, with their version-keyed caches).
+        Whatever it leaves must be dropped by `finish_compiled`. Default: nothing."""
+
+    def finish_compiled(self) -> None:
+        """Called after that compiled call (also when it raised): drop what `prepare_compiled` left,
+        so no later call reads it stale. Default: nothing."""
+
     def merged_weight(self, weight: Tensor) -> Tensor:
         raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weight")
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.contract import AdaptedLayer, Delta
 from .fast import NORMS, to_autocast_dtype
 
 # Models below this size compile for longer than they run (the test suite's tiny models, say).
@@ -122,6 +123,7 @@ class TrainingForward:
         self.layer = layer
         self.compiled = compiled
         self.state = state
+        self.adapted = [m for m in layer.modules() if isinstance(m, AdaptedLayer)]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer
@@ -130,6 +132,7 @@ class TrainingForward:
             return eager(layer, *args, **kwargs)
         if any(kwargs.get(name) is not None for name in _CACHE_KWARGS):
             return eager(layer, *args, **kwargs)  # prefix tuning's KV prefix, a generation cache
+        prepared = self._prepare()
         try:
             return self.compiled(layer, *args, **kwargs)
         except Exception as err:  # compiling failed (no compiler, an unsupported op): run eagerly
@@ -142,6 +145,26 @@ class TrainingForward:
                 stacklevel=2,
             )
             return out
+        finally:
+            self._finish(prepared)
+
+    def _prepare(self) -> list[Delta]:
+        """Each active delta's eager pre-work (`Delta.prepare_compiled`); returns those that did some."""
+        prepared = []
+        for adapted in self.adapted:
+            if not adapted.enabled:
+                continue
+            for name, delta in adapted.adapters.items():
+                if type(delta).prepare_compiled is not Delta.prepare_compiled and name in adapted.active:
+                    if name not in adapted.merged:
+                        delta.prepare_compiled(adapted)
+                        prepared.append(delta)
+        return prepared
+
+    @staticmethod
+    def _finish(prepared: list[Delta]) -> None:
+        for delta in prepared:
+            delta.finish_compiled()
 
 
 def _summary(err: Exception) -> str:
