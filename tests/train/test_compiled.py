@@ -20,10 +20,10 @@ from lorakit.train.fast import prepare_for_training
 from lorakit.train.loss import chunked_causal_lm_loss
 
 
-def _lora_model(tiny):
+def _lora_model(tiny, config=lk.LoRAConfig):
     model = tiny.llama()
     torch.manual_seed(0)
-    lk.apply(model, lk.LoRAConfig(rank=4, target_modules="all-linear", init="gaussian"))
+    lk.apply(model, config(rank=4, target_modules="all-linear", init="gaussian"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -183,17 +183,7 @@ def test_compiled_dora_trains_like_eager_dora_with_its_norm_computed_outside(tin
     losses and gradients, the magnitude's included, equal eager DoRA's, and no norm outlives a call."""
     from lorakit.methods.dora import DoRADelta
 
-    def dora_model():
-        model = tiny.llama()
-        torch.manual_seed(0)
-        lk.apply(model, lk.DoRAConfig(rank=4, target_modules="all-linear", init="gaussian"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(6))
-        return model.train()
-
-    eager, fast = dora_model(), dora_model()
+    eager, fast = _lora_model(tiny, lk.DoRAConfig), _lora_model(tiny, lk.DoRAConfig)
     prepare_for_training(fast, None, compile="on")
     deltas = [m for m in fast.modules() if isinstance(m, DoRADelta)]
     seen = []
