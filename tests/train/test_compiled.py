@@ -138,7 +138,12 @@ def test_auto_compiles_only_big_models_on_cpu_and_on_needs_a_compiler(tiny, monk
     assert compiled.slower_compiled(dora) is None  # DoRA compiles well since prepare_compiled
     qlora = tiny.llama()
     lk.apply(qlora, lk.QLoRAConfig(rank=4, target_modules="all-linear"))
-    assert "NF4 layers run uncompiled" in prepare_for_training(qlora.train(), None)[-1]
+    assert compiled.slower_compiled(qlora) is None  # and NF4 since its matmul is one opaque op
+    slow = _lora_model(tiny)
+    slow.model.layers[1].mlp.compiles_slower = "measured slower compiled: 2.0 s against 1.5"
+    done = prepare_for_training(slow, None)
+    assert "measured slower compiled: 2.0 s against 1.5" in done[-1]  # auto leaves it eager
+    assert "forward" not in slow.model.layers[0].__dict__
     short = prepare_for_training(_lora_model(tiny), None, passes=10)[-1]
     assert short.startswith("torch.compile: not used (10 forward/backward passes")
     lora = _lora_model(tiny)
@@ -206,5 +211,23 @@ def test_compiled_dora_trains_like_eager_dora_with_its_norm_computed_outside(tin
     assert all(d._compiled_norm is None for d in deltas)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert any("magnitude" in name for name in grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_qlora_trains_like_eager_qlora_with_nf4_as_one_op(tiny) -> None:
+    """Inside compiled layers the NF4 matmul is the opaque `lorakit::nf4_linear` op (no graph
+    break): the same loss and LoRA gradients as the eager QLoRA layers."""
+    eager, fast = _lora_model(tiny, lk.QLoRAConfig), _lora_model(tiny, lk.QLoRAConfig)
+    prepare_for_training(fast, None, compile="on")
+    batch = default_collate(tiny.samples(4, seed=5, max_len=14), pad_id=0)
+    ref_loss, ref_grads = _step(eager, batch, amp=False)
+    torch._dynamo.utils.counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+        loss, grads = _step(fast, batch, amp=False)
+    assert not torch._dynamo.utils.counters["graph_break"]  # the NF4 op no longer splits the layer
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert ref_grads.keys() == grads.keys() and any("lora_A" in n for n in grads)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)

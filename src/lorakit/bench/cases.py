@@ -114,6 +114,17 @@ CASES: tuple[Case, ...] = (
     Case("lora_model_loss_fp32", "train", "lorakit", "unmerged", "fp32", "model"),
     Case("lora_model_loss_bf16", "train", "lorakit", "unmerged", "bf16", "model"),
     Case("qlora_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="qlora"),
+    Case(
+        "qlora_bf16_compiled",
+        "train",
+        "lorakit",
+        "unmerged",
+        "bf16",
+        "chunked",
+        method="qlora",
+        extra=True,
+        compile="on",
+    ),
     # opt-in: the tied embedding (and so the head) in NF4 as well, for the whole-model weight ratio
     Case("qlora_emb_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method="qlora_emb"),
     # PEFT's LoRA on transformers' bitsandbytes 4-bit load (NF4, double quantization, bf16 compute)
@@ -166,6 +177,8 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("dora_bf16_compiled", "peft_dora_bf16"),
         ("dora_bf16_compiled", "dora_bf16"),
         ("qlora_bf16", "lora_bf16"),
+        ("qlora_bf16_compiled", "lora_bf16_compiled"),
+        ("qlora_bf16_compiled", "qlora_bf16"),
         *(
             (f"{m}_bf16", "lora_bf16")
             for m in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")

@@ -44,9 +44,81 @@ class NF4Matmul(torch.autograd.Function):
             return grad_out.to(ctx.dtype) @ weight, None, None  # (..., in)
 
 
-@torch.compiler.disable  # TorchInductor cannot lower the dequantization; compiled layers call it as is
 def _nf4_matmul(x: Tensor, q: NF4Tensor, dtype: torch.dtype) -> Tensor:
+    if torch.compiler.is_compiling():  # one opaque op in the graph: no graph break, nothing kept
+        return torch.ops.lorakit.nf4_linear(
+            x, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, list(q.shape), q.blocksize, dtype
+        )
     return NF4Matmul.apply(x, q, dtype)
+
+
+# The same matmul as custom ops for compiled decoder layers (lorakit.train.compiled). TorchInductor
+# cannot lower the dequantization, and `torch.compiler.disable` around it broke each compiled layer
+# into eight graphs (a QLoRA step took 2.28 s compiled against 1.74 eager); as an opaque op with its
+# own backward the layer stays one graph and only the packed weight is kept for backward: a
+# default-model QLoRA step then took 1.39-1.59 s compiled against 1.56-1.61 eager, 1.32 GB of peak
+# RSS against 1.79 GB.
+def _nf4_of(packed, absmax, absmax_scale, absmax_offset, shape, blocksize) -> NF4Tensor:  # type: ignore[no-untyped-def]
+    return NF4Tensor(packed, absmax, torch.Size(shape), torch.float32, blocksize, absmax_scale, absmax_offset)
+
+
+@torch.library.custom_op("lorakit::nf4_linear", mutates_args=())
+def _nf4_linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    absmax_offset: Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    q = _nf4_of(packed, absmax, absmax_scale, absmax_offset, shape, blocksize)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, dequantize_nf4(q, dtype))  # (..., out)
+
+
+@_nf4_linear.register_fake
+def _(x, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("lorakit::nf4_linear_grad", mutates_args=())
+def _nf4_linear_grad(
+    grad: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    absmax_scale: Tensor | None,
+    absmax_offset: Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    q = _nf4_of(packed, absmax, absmax_scale, absmax_offset, shape, blocksize)
+    with torch.autocast(grad.device.type, enabled=False):
+        return grad.to(dtype) @ dequantize_nf4(q, dtype)  # (..., in)
+
+
+@_nf4_linear_grad.register_fake
+def _(grad, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype):  # type: ignore[no-untyped-def]
+    return grad.new_empty((*grad.shape[:-1], shape[1]), dtype=dtype)
+
+
+def _nf4_linear_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    _, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype = inputs
+    ctx.save_for_backward(packed, absmax, absmax_scale, absmax_offset)
+    ctx.shape, ctx.blocksize, ctx.dtype = shape, blocksize, dtype
+
+
+def _nf4_linear_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    packed, absmax, absmax_scale, absmax_offset = ctx.saved_tensors
+    dx = _nf4_linear_grad(
+        grad, packed, absmax, absmax_scale, absmax_offset, ctx.shape, ctx.blocksize, ctx.dtype
+    )
+    return dx, None, None, None, None, None, None, None
+
+
+_nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup)
 
 
 def stored_nf4(module: nn.Module, shape: tuple[int, int]) -> NF4Tensor:
@@ -72,10 +144,6 @@ class Linear4bit(nn.Module):
     is_quantized_linear = True  # lets target matching treat it as a linear layer
     weight_layout = "out_in"
     # read by lorakit.train.compiled: compile="auto" leaves a model holding these layers eager
-    compiles_slower = (
-        "NF4 layers run uncompiled inside a compiled layer (TorchInductor cannot lower the "
-        "dequantization), and the graph breaks made a default-model QLoRA step 2.28 s against 1.74 eager"
-    )
 
     def __init__(
         self,
