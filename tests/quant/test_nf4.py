@@ -143,3 +143,23 @@ def test_double_quant_against_bitsandbytes(bnb_functional, shape, dtype) -> None
     assert torch.equal(dequantize_nf4(theirs), F.dequantize_4bit(packed, state))
     differ = ours.absmax.long() - state.absmax.long()
     assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear_op_is_a_well_formed_custom_op_with_the_reference_math(double_quant: bool) -> None:
+    """`lorakit::nf4_linear`, the NF4 matmul compiled layers see: x W^T forward, its input
+    gradient g W, and torch.library.opcheck's schema, fake-tensor and autograd checks."""
+    from lorakit.quant.linear import _nf4_linear
+
+    gen = torch.Generator().manual_seed(7)
+    q = quantize_nf4(torch.randn(12, 128, generator=gen), double_quant=double_quant)
+    weight = dequantize_nf4(q, torch.float32)  # (out, in)
+    args = (q.packed, q.absmax, q.absmax_scale, q.absmax_offset, list(q.shape), q.blocksize, torch.float32)
+    x = torch.randn(2, 3, 128, generator=gen, requires_grad=True)
+    y = torch.ops.lorakit.nf4_linear(x, *args)
+    torch.testing.assert_close(y, x @ weight.T)
+    g = torch.randn(2, 3, 12, generator=gen)
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(dx, g @ weight)
+    torch.library.opcheck(_nf4_linear, (x.detach().requires_grad_(), *args))
+    torch.library.opcheck(_nf4_linear, (g.clone().requires_grad_(), *args, True))

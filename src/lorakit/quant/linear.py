@@ -72,50 +72,28 @@ def _nf4_linear(
     shape: list[int],
     blocksize: int,
     dtype: torch.dtype,
+    transposed: bool = False,
 ) -> Tensor:
-    q = _nf4_of(packed, absmax, absmax_scale, absmax_offset, shape, blocksize)
+    """x W^T (..., out), or with `transposed` x W (..., in): the forward and its input gradient."""
+    weight = dequantize_nf4(_nf4_of(packed, absmax, absmax_scale, absmax_offset, shape, blocksize), dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x, dequantize_nf4(q, dtype))  # (..., out)
+        return x.to(dtype) @ weight if transposed else F.linear(x, weight)
 
 
 @_nf4_linear.register_fake
-def _(x, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype):  # type: ignore[no-untyped-def]
-    return x.new_empty((*x.shape[:-1], shape[0]), dtype=dtype)
-
-
-@torch.library.custom_op("lorakit::nf4_linear_grad", mutates_args=())
-def _nf4_linear_grad(
-    grad: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    absmax_scale: Tensor | None,
-    absmax_offset: Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    dtype: torch.dtype,
-) -> Tensor:
-    q = _nf4_of(packed, absmax, absmax_scale, absmax_offset, shape, blocksize)
-    with torch.autocast(grad.device.type, enabled=False):
-        return grad.to(dtype) @ dequantize_nf4(q, dtype)  # (..., in)
-
-
-@_nf4_linear_grad.register_fake
-def _(grad, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype):  # type: ignore[no-untyped-def]
-    return grad.new_empty((*grad.shape[:-1], shape[1]), dtype=dtype)
+def _(x, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype, transposed=False):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], shape[1] if transposed else shape[0]), dtype=dtype)
 
 
 def _nf4_linear_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    _, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype = inputs
+    _, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, dtype, transposed = inputs
     ctx.save_for_backward(packed, absmax, absmax_scale, absmax_offset)
-    ctx.shape, ctx.blocksize, ctx.dtype = shape, blocksize, dtype
+    ctx.shape, ctx.blocksize, ctx.dtype, ctx.transposed = shape, blocksize, dtype, transposed
 
 
 def _nf4_linear_backward(ctx, grad):  # type: ignore[no-untyped-def]
-    packed, absmax, absmax_scale, absmax_offset = ctx.saved_tensors
-    dx = _nf4_linear_grad(
-        grad, packed, absmax, absmax_scale, absmax_offset, ctx.shape, ctx.blocksize, ctx.dtype
-    )
-    return dx, None, None, None, None, None, None, None
+    dx = _nf4_linear(grad, *ctx.saved_tensors, ctx.shape, ctx.blocksize, ctx.dtype, not ctx.transposed)
+    return dx, None, None, None, None, None, None, None, None
 
 
 _nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup)
