@@ -121,7 +121,6 @@ class Linear4bit(nn.Module):
 
     is_quantized_linear = True  # lets target matching treat it as a linear layer
     weight_layout = "out_in"
-    # read by lorakit.train.compiled: compile="auto" leaves a model holding these layers eager
 
     def __init__(
         self,

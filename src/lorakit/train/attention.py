@@ -172,9 +172,8 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale:
     groups = h // kv
     rows = q.view(b, kv, groups, length, d).transpose(2, 3).reshape(b * kv, length * groups, d)
     bias = _bias(mask, b, kv, groups, length, keys, q.dtype, q.device, query_major=True)
-    probs = _softmax_scores(
-        rows, k, bias, mask is not None, scale
-    )  # fp32: backward's softmax gradient is eager's
+    # fp32 probabilities, so that backward's softmax gradient is the eager kernel's
+    probs = _softmax_scores(rows, k, bias, mask is not None, scale)
     out = torch.bmm(probs.to(v.dtype), v.reshape(b * kv, keys, d))  # (B*KV, Q*G, D)
     return out.view(b, kv, length, groups, d).transpose(2, 3).reshape(q.shape)
 

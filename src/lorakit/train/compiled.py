@@ -152,13 +152,11 @@ class TrainingForward:
         """Each active delta's eager pre-work (`Delta.prepare_compiled`); returns those that did some."""
         prepared = []
         for adapted in self.adapted:
-            if not adapted.enabled:
-                continue
-            for name, delta in adapted.adapters.items():
-                if type(delta).prepare_compiled is not Delta.prepare_compiled and name in adapted.active:
-                    if name not in adapted.merged:
-                        delta.prepare_compiled(adapted)
-                        prepared.append(delta)
+            for name in adapted.active if adapted.enabled else ():
+                delta = adapted.adapters[name]
+                if name not in adapted.merged and type(delta).prepare_compiled is not Delta.prepare_compiled:
+                    delta.prepare_compiled(adapted)
+                    prepared.append(delta)
         return prepared
 
     @staticmethod
