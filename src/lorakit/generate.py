@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.kvcache import cache_argument, output_cache
+
 Messages = list[dict[str, str]]
 HELP = "lorakit chat: /reset starts a new conversation, /exit (or Ctrl-D) quits"
 
@@ -32,10 +34,11 @@ def stream_chat(
     step = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
     stop = _stop_ids(model, tokenizer)
     past, reply, shown = None, [], ""
+    cache_name = cache_argument(model)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step, use_cache=True, **{cache_name: past})
+            past = output_cache(out)
             token = _next_token(out.logits[0, -1], temperature, generator)
             if token in stop:
                 return

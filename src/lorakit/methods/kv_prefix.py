@@ -4,8 +4,10 @@ shapes and `generate()` works unchanged (methods/prompt.py and methods/prefix.py
 
 The hook fills an empty cache with the prefix, leaves a cache it already filled alone (decode steps),
 widens the attention mask by n leading ones and shifts given `position_ids` by n, so the real tokens
-sit at positions n.., as if n tokens came before them. Transformers drops `past_key_values` under
-gradient checkpointing, so training with it is refused (PEFT refuses it too).
+sit at positions n.., as if n tokens came before them. The cache goes in under the name the decoder's
+own forward declares (`cache` from transformers 5.24, `past_key_values` before: core/kvcache.py).
+Transformers drops the cache under gradient checkpointing, so training with it is refused (PEFT
+refuses it too).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..core.contract import ModelAdapter, NotMergeableError
+from ..core.kvcache import CACHE_ARGUMENTS, cache_argument, output_cache
 from ..core.model import model_adapters
 
 INITS = ("vocab", "text", "random")
@@ -44,8 +47,9 @@ def decoder_dims(config: Any) -> tuple[int, int, int, int]:
 
 def decoder_kv(decoder: nn.Module, **inputs: Tensor) -> KV:
     """Every layer's keys and values for one sequence (`input_ids` or `inputs_embeds`)."""
-    out = decoder(**inputs, use_cache=True, past_key_values=DynamicCache(config=decoder.config))
-    return [(k, v) for k, v, *_ in out.past_key_values]
+    cache = DynamicCache(config=decoder.config)
+    out = decoder(**inputs, use_cache=True, **{cache_argument(decoder): cache})
+    return [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
 
 class KVPrefixAdapter(ModelAdapter):
@@ -83,6 +87,7 @@ class KVPrefixAdapter(ModelAdapter):
             )
         self.__dict__["_decoder"] = decoder = decoder_of(model)
         self._signature = inspect.signature(decoder.forward)
+        self._cache_name = cache_argument(decoder)
         self._handle = decoder.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def detach(self, model: nn.Module, keep_changes: bool) -> None:
@@ -102,8 +107,9 @@ class KVPrefixAdapter(ModelAdapter):
                 f"{type(self.config).__name__} passes its prefix through the key/value cache, which "
                 "transformers drops under gradient checkpointing; train with gradient_checkpointing off"
             )
-        cache = self._cache_with_prefix(kwargs.get("past_key_values"), batch, module)
-        kwargs["past_key_values"] = cache
+        given = [kwargs.pop(name) for name in CACHE_ARGUMENTS if name in kwargs]  # either spelling
+        cache = self._cache_with_prefix(next((c for c in given if c is not None), None), batch, module)
+        kwargs[self._cache_name] = cache
         kwargs["attention_mask"] = self._widen_mask(kwargs.get("attention_mask"), batch, length, cache)
         if kwargs.get("position_ids") is not None:  # callers count positions without the prefix
             kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
@@ -123,7 +129,7 @@ class KVPrefixAdapter(ModelAdapter):
             cache.lorakit_prefix = id(self)
         elif getattr(cache, "lorakit_prefix", None) != id(self):
             raise ValueError(
-                "past_key_values was filled without this prompt/prefix adapter (by the base model or "
+                "the KV cache passed in was filled without this prompt/prefix adapter (by the base model or "
                 "another adapter); start generation from an empty cache with the adapter active"
             )
         return cache

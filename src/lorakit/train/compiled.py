@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.contract import AdaptedLayer, Delta
+from ..core.kvcache import LAYER_CACHE_ARGUMENTS
 from .fast import NORMS, to_autocast_dtype
 
 # Models below this size compile for longer than they run (the test suite's tiny models, say).
@@ -41,7 +42,6 @@ AUTO_MIN_PARAMETERS = 50_000_000
 # ~20 s with a warm one; a pass saves ~0.3 s at 4 x 256 tokens but only ~0.1 s at the default run's
 # 8 x ~75, so its 300 passes came out 80 s slower compiled (cold). Long runs gain.
 AUTO_MIN_PASSES = 1000
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 # Llama-style MLPs, down(act(gate(x)) * up(x)), whose product is recomputed in backward.
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
@@ -130,7 +130,7 @@ class TrainingForward:
         eager = type(layer).forward
         if not (self.state.enabled and torch.is_grad_enabled() and layer.training):
             return eager(layer, *args, **kwargs)
-        if any(kwargs.get(name) is not None for name in _CACHE_KWARGS):
+        if any(kwargs.get(name) is not None for name in LAYER_CACHE_ARGUMENTS):
             return eager(layer, *args, **kwargs)  # prefix tuning's KV prefix, a generation cache
         prepared = self._prepare()
         try:
