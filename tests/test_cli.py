@@ -11,7 +11,7 @@ import yaml
 import lorakit as lk
 from lorakit.cli import _options, _run_fields, build_parser, main
 from lorakit.models import default_model_available
-from lorakit.run import method_config, split_options
+from lorakit.options import method_config, split_options
 
 
 def _parse(argv: list[str]):
@@ -234,7 +234,9 @@ def test_base_scores_are_cached_for_the_next_run(tiny_run) -> None:
 def test_base_eval_cache_key_changes_with_weights_and_options() -> None:
     from lorakit.data import EvalItem
     from lorakit.models import tiny_llama, tiny_tokenizer
-    from lorakit.run import EvalData, RunConfig, base_eval_cache_file
+    from lorakit.options import RunConfig
+    from lorakit.run_data import EvalData
+    from lorakit.run_eval import base_eval_cache_file
 
     model, tok = tiny_llama(), tiny_tokenizer()
     items = [EvalItem([{"role": "user", "content": "hi"}], "hello")]

@@ -27,8 +27,10 @@ import torch
 import lorakit as lk
 from lorakit.bench.build import _fill, _lorakit_pairs
 from lorakit.bench.cases import ALPHA, RANK
+from lorakit.options import RunConfig
 from lorakit.quant.linear import quantize_model
-from lorakit.run import RunConfig, api_load, build_data, read_data
+from lorakit.run import api_load
+from lorakit.run_data import build_data, read_data
 
 
 def main() -> None:

@@ -55,14 +55,15 @@ def _options(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
 
 
 def _run_fields() -> list[str]:
-    from .run import RunConfig
+    from .options import RunConfig
     from .train import TrainConfig
 
     return [f.name for cls in (RunConfig, TrainConfig) for f in dataclasses.fields(cls)]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .run import split_options, train_run
+    from .options import split_options
+    from .run import train_run
 
     run, train = split_options(_options(args, _run_fields()))
     train_run(run, train)
@@ -72,7 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from . import api
-    from .run import api_load, build_data, eval_autocast, evaluate, format_table, read_data, split_options
+    from .options import split_options
+    from .run import api_load
+    from .run_data import build_data, read_data
+    from .run_eval import eval_autocast, evaluate, format_table
     from .train import evaluate as ev
 
     run, train = split_options(_options(args, _run_fields()))
@@ -171,7 +175,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .run import RunConfig
+    from .options import RunConfig
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning, measured.")

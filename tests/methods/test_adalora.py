@@ -240,7 +240,7 @@ def test_resume_gives_the_same_ranks_and_weights(tmp_path) -> None:
 
 
 def test_run_options_map_to_the_config() -> None:
-    from lorakit.run import RunConfig, method_config
+    from lorakit.options import RunConfig, method_config
 
     assert METHODS["adalora"] is AdaLoRAConfig
     default = method_config(RunConfig(method="adalora"))
@@ -253,7 +253,7 @@ def test_run_options_map_to_the_config() -> None:
     assert (custom.init_rank, custom.target_rank, custom.t_init) == (20, 8, 3)
     assert (custom.orth_reg_weight, custom.beta2, custom.t_final) == (0.5, 0.9, None)
     from lorakit.cli import _options, _run_fields, build_parser
-    from lorakit.run import split_options
+    from lorakit.options import split_options
 
     flags = ["train", "--method", "adalora", "--init-rank", "20", "--t-final", "0", "--adalora-beta1", "0.8"]
     run, _ = split_options(_options(build_parser().parse_args(flags), _run_fields()))

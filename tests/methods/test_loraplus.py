@@ -8,7 +8,7 @@ import torch
 import lorakit as lk
 from lorakit.cli import _options, _run_fields, build_parser
 from lorakit.models import tiny_llama
-from lorakit.run import method_config, optimizer_groups, split_options
+from lorakit.options import method_config, optimizer_groups, split_options
 
 
 def _model() -> torch.nn.Module:

@@ -1,0 +1,227 @@
+"""Every option of a run (`RunConfig`, plus the trainer's `TrainConfig`) and how the YAML keys and
+flags become them: one flat dict in, two configs out, each value checked and named when it is bad.
+The CLI builds its flags from these fields, so a flag and a YAML key are the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from . import api
+from .methods import METHODS, loraplus_param_groups
+from .train import TrainConfig
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class RunConfig:
+    """What to fine-tune, with which method, on which data, and how to evaluate it."""
+
+    model: str | None = field(
+        default=None, metadata=_help("local Hugging Face model folder; default: SmolLM2-135M-Instruct")
+    )
+    method: str = field(
+        default="lora",
+        metadata=_help("the PEFT method: " + ", ".join(METHODS) + " (each sets its own default --lr)"),
+    )
+    rank: int = field(default=16, metadata=_help("LoRA rank r"))
+    alpha: float = field(
+        default=32.0,
+        metadata=_help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)"),
+    )
+    dropout: float = field(default=0.0, metadata=_help("dropout on the adapter input"))
+    target_modules: str = field(
+        default="all-linear",
+        metadata=_help('"all-linear", a full-match regex, or comma-separated module names'),
+    )
+    exclude_modules: str | None = field(
+        default=None, metadata=_help("modules to leave alone (same forms as target_modules)")
+    )
+    init: str = field(
+        default="kaiming", metadata=_help("adapter init: kaiming (as PEFT), gaussian, or pissa")
+    )
+    use_rslora: bool = field(
+        default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r")
+    )
+    task: str = field(
+        default="icd10-chapter", metadata=_help("built-in task (real data from installed packages)")
+    )
+    data: str | None = field(
+        default=None,
+        metadata=_help(
+            "JSONL training data ({'messages': [...]} or prompt/completion); replaces the task's training set"
+        ),
+    )
+    eval_data: str | None = field(
+        default=None, metadata=_help("JSONL held-out data; the last assistant turn is the reference answer")
+    )
+    max_length: int = field(
+        default=256,
+        metadata=_help(
+            "truncate samples to this many tokens (samples left without an answer are skipped and counted)"
+        ),
+    )
+    last_turn_only: bool = field(default=False, metadata=_help("train on the last assistant turn only"))
+    eval_max_new_tokens: int = field(
+        default=24, metadata=_help("greedy tokens generated per held-out question")
+    )
+    eval_limit: int = field(default=0, metadata=_help("score only the first N held-out items (0 = all)"))
+    general_tokens: int = field(
+        default=8192, metadata=_help("tokens of general English text (pydoc_data) for the forgetting NLL")
+    )
+    kl_prompts: int = field(
+        default=16, metadata=_help("general prompts for the next-token KL against the base model")
+    )
+    skip_eval: bool = field(default=False, metadata=_help("train only; no before/after evaluation"))
+    base_eval_cache: bool = field(
+        default=True,
+        metadata=_help(
+            "reuse the base model's scores from an earlier run with the same weights, data and evaluation options"
+        ),
+    )
+    loraplus_ratio: float = field(
+        default=0.0,
+        metadata=_help(
+            "LoRA+: B's learning rate = lr * ratio (0 = off; --method loraplus defaults to 16); works with any method that has A/B factors"
+        ),
+    )
+    attention: str = field(
+        default="auto",
+        metadata=_help(
+            "attention kernel: auto (lorakit on CPU, sdpa on GPU), lorakit (grouped-matmul training "
+            "kernel, sdpa without gradients), eager, or sdpa"
+        ),
+    )
+    target_rank: int | None = field(
+        default=None,
+        metadata=_help(
+            "AdaLoRA: average rank per layer at the end (default: --rank, so the final budget is LoRA's)"
+        ),
+    )
+    init_rank: int | None = field(
+        default=None, metadata=_help("AdaLoRA: rank of every layer at the start (default: 1.5 x target rank)")
+    )
+    t_init: int | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: steps before the budget starts to fall (default: max(1, steps // 10))"),
+    )
+    t_final: int | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: last steps trained at the fixed final ranks (default: 3 * steps // 10)"),
+    )
+    delta_t: int | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: reallocate the ranks every N steps (default: steps // 30, >= 1)"),
+    )
+    orth_reg_weight: float | None = field(
+        default=None,
+        metadata=_help("AdaLoRA: weight gamma of the orthogonality penalty on P and Q (default: 0.1)"),
+    )
+    adalora_beta1: float | None = field(
+        default=None, metadata=_help("AdaLoRA: EMA factor of the sensitivity |w * grad| (default: 0.85)")
+    )
+    adalora_beta2: float | None = field(
+        default=None, metadata=_help("AdaLoRA: EMA factor of its uncertainty (default: 0.85)")
+    )
+    adapter_size: int = field(default=64, metadata=_help("bottleneck adapters: the bottleneck width m"))
+    adapter_placement: str = field(
+        default="houlsby",
+        metadata=_help("bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP)"),
+    )
+    virtual_tokens: int = field(default=20, metadata=_help("prompt / prefix tuning: virtual tokens n"))
+    prompt_init_text: str | None = field(
+        default=None,
+        metadata=_help("prompt tuning: initialise the prompt from this text (default: sampled vocabulary)"),
+    )
+    prefix_projection: int = field(
+        default=0, metadata=_help("prefix tuning: hidden size of the reparameterisation MLP (0 = none)")
+    )
+    quantize_embeddings: bool = field(
+        default=False,
+        metadata=_help("qlora: also store the embedding table (and the output head, tied or not) in NF4"),
+    )
+
+
+def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
+    """The method's config object, built from the run options it understands."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+    config_cls = METHODS[cfg.method]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "init": cfg.init,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": _targets(cfg.target_modules),
+        "exclude_modules": _targets(cfg.exclude_modules),
+        "loraplus_ratio": cfg.loraplus_ratio or None,
+        "target_rank": cfg.target_rank or cfg.rank,
+        "init_rank": cfg.init_rank,
+        "t_init": cfg.t_init,
+        "t_final": cfg.t_final,
+        "delta_t": cfg.delta_t,
+        "orth_reg_weight": cfg.orth_reg_weight,
+        "beta1": cfg.adalora_beta1,
+        "beta2": cfg.adalora_beta2,
+        "size": cfg.adapter_size,
+        "placement": cfg.adapter_placement,
+        "num_virtual_tokens": cfg.virtual_tokens,
+        "init_from": "text" if cfg.prompt_init_text else None,
+        "init_text": cfg.prompt_init_text,
+        "tokenizer": tokenizer,
+        "projection_size": cfg.prefix_projection,
+        "quantize_embeddings": cfg.quantize_embeddings,
+    }
+    return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def optimizer_groups(
+    model: nn.Module, config: Any, cfg: RunConfig, train_cfg: TrainConfig
+) -> list[dict[str, Any]]:
+    """AdamW groups by role; a method's own lr ratios (LoRA+) or --loraplus-ratio set them."""
+    make_ratios = getattr(config, "lr_ratios", None)
+    ratios = make_ratios() if callable(make_ratios) else {}
+    if cfg.loraplus_ratio and not ratios:
+        return loraplus_param_groups(model, train_cfg.lr, cfg.loraplus_ratio, train_cfg.weight_decay)
+    return api.param_groups(model, train_cfg.lr, train_cfg.weight_decay, ratios)
+
+
+def _targets(spec: str | list[str] | None) -> str | list[str] | None:
+    """ "all-linear" and regexes stay strings; "q_proj,v_proj" becomes a list of names."""
+    if spec is None or isinstance(spec, list) or spec == "all-linear":
+        return spec
+    if "," in spec or spec.isidentifier():
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    return spec
+
+
+def split_options(values: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
+    """One flat dict of options (YAML + flags) -> the two configs; unknown keys are an error."""
+    run_names = {f.name for f in dataclasses.fields(RunConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - run_names - train_names)
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}; see `lorakit train --help`")
+    hints = typing.get_type_hints(RunConfig)
+    run = RunConfig(**{k: _coerce(v, hints[k]) for k, v in values.items() if k in run_names})
+    train_values = {k: v for k, v in values.items() if k in train_names}
+    method_lr = getattr(METHODS.get(run.method), "default_lr", None)
+    if "lr" not in train_values and method_lr is not None:  # e.g. prompt tuning 3e-2, full 2e-5
+        train_values["lr"] = method_lr
+    return run, TrainConfig.from_dict(train_values)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if hint in (float, int) and isinstance(value, str):
+        return hint(value)
+    return value
