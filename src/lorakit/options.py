@@ -15,6 +15,7 @@ from torch import nn
 from . import api
 from .methods import METHODS, loraplus_param_groups
 from .train import TrainConfig
+from .train.config import coerce_option
 
 
 def _help(text: str) -> dict[str, str]:
@@ -150,6 +151,33 @@ class RunConfig:
     )
 
 
+# Run option -> the method-config fields that use it (any one of them); the others are generic.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "rank": ("rank",),
+    "alpha": ("alpha",),
+    "dropout": ("dropout",),
+    "init": ("init",),
+    "use_rslora": ("use_rslora",),
+    "target_modules": ("target_modules",),
+    "exclude_modules": ("exclude_modules",),
+    "loraplus_ratio": ("loraplus_ratio", "rank"),  # any method with A/B factors
+    "target_rank": ("target_rank",),
+    "init_rank": ("init_rank",),
+    "t_init": ("t_init",),
+    "t_final": ("t_final",),
+    "delta_t": ("delta_t",),
+    "orth_reg_weight": ("orth_reg_weight",),
+    "adalora_beta1": ("beta1",),
+    "adalora_beta2": ("beta2",),
+    "adapter_size": ("size",),
+    "adapter_placement": ("placement",),
+    "virtual_tokens": ("num_virtual_tokens",),
+    "prompt_init_text": ("init_text",),
+    "prefix_projection": ("projection_size",),
+    "quantize_embeddings": ("quantize_embeddings",),
+}
+
+
 def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
     """The method's config object, built from the run options it understands."""
     if cfg.method not in METHODS:
@@ -206,14 +234,19 @@ def _targets(spec: str | list[str] | None) -> str | list[str] | None:
 
 
 def split_options(values: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
-    """One flat dict of options (YAML + flags) -> the two configs; unknown keys are an error."""
+    """One flat dict of options (YAML + flags) -> the two configs; unknown keys are an error, and so
+    is a value of the wrong type or an option the chosen method does not use."""
     run_names = {f.name for f in dataclasses.fields(RunConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - run_names - train_names)
     if unknown:
         raise ValueError(f"unknown option(s): {', '.join(unknown)}; see `lorakit train --help`")
     hints = typing.get_type_hints(RunConfig)
-    run = RunConfig(**{k: _coerce(v, hints[k]) for k, v in values.items() if k in run_names})
+    for name in ("target_modules", "exclude_modules"):  # YAML lists of module names
+        if isinstance(values.get(name), list) and all(isinstance(v, str) for v in values[name]):
+            values = {**values, name: ",".join(values[name])}
+    run = RunConfig(**{k: coerce_option(k, v, hints[k]) for k, v in values.items() if k in run_names})
+    check_method_options(run.method, [k for k in values if k in run_names])
     train_values = {k: v for k, v in values.items() if k in train_names}
     method_lr = getattr(METHODS.get(run.method), "default_lr", None)
     if "lr" not in train_values and method_lr is not None:  # e.g. prompt tuning 3e-2, full 2e-5
@@ -221,7 +254,21 @@ def split_options(values: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
     return run, TrainConfig.from_dict(train_values)
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    if hint in (float, int) and isinstance(value, str):
-        return hint(value)
-    return value
+def check_method_options(method: str, given: list[str]) -> None:
+    """Refuse options the user set that `method` would ignore (--rank with --method norm, say)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    fields = {f.name for f in dataclasses.fields(METHODS[method])}
+    ignored = [
+        name
+        for name in given
+        if name in METHOD_OPTIONS and not any(target in fields for target in METHOD_OPTIONS[name])
+    ]
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise ValueError(
+            f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply to --method {method} "
+            f"({METHODS[method].__name__} has no such setting) and would be ignored; remove "
+            f"{'it' if len(ignored) == 1 else 'them'} or pick a method that uses "
+            f"{'it' if len(ignored) == 1 else 'them'}"
+        )

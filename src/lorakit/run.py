@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from . import api
+from .core.io import atomic_write
 from .data import collate
+from .models import load_tokenizer
 from .options import RunConfig, method_config, optimizer_groups
 from .run_data import EvalData, build_data, read_data
 from .run_eval import base_scores, eval_autocast, evaluate_merged, format_table
@@ -29,24 +31,42 @@ from .train.checkpoint import refuse_existing_run
 log = logging.getLogger("lorakit")
 
 
+# RunConfig fields that only decide how the run is scored or computed, not what it trains: they may
+# change between an interruption and its --resume. Every other field must stay the same.
+SCORING_ONLY = (
+    "eval_data",
+    "eval_max_new_tokens",
+    "eval_limit",
+    "general_tokens",
+    "kl_prompts",
+    "skip_eval",
+    "base_eval_cache",
+    "attention",
+)
+
+
 def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[str, Any]:
-    """Fine-tune, evaluate before and after, write the adapter, metrics.json and the loss plot."""
+    """Fine-tune, evaluate before and after, write the adapter, metrics.json and the loss plot.
+
+    Everything that can be checked without the model is checked first (options, data, the
+    tokenised samples), and the output folder is created only then."""
     torch.manual_seed(train_cfg.seed)
     out_dir = Path(train_cfg.output_dir)
     if not train_cfg.resume:  # before the model loads; the trainer checks again for library users
         refuse_existing_run(out_dir / "checkpoints")
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    conversations = read_data(cfg, train_cfg.seed)
-    model, tokenizer = api_load(cfg.model, cfg.attention)
+    conversations = read_data(cfg, train_cfg.seed, say)
+    tokenizer = load_tokenizer(cfg.model)
+    method = method_config(cfg, tokenizer)
     train, data = build_data(cfg, tokenizer, conversations)
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
-    method = method_config(cfg, tokenizer)
+    model, tokenizer = api_load(cfg.model, cfg.attention)
     validate = getattr(method, "validate", None)  # e.g. BitFit on a model without biases
     if callable(validate):  # fails before the base evaluation (a minute or more), not after
         validate(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
     before, reference = base_scores(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
     api.apply(model, method)
     say(api.summary(model))
@@ -58,8 +78,9 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         tokenizer.pad_token_id,
         param_groups=optimizer_groups(model, method, cfg, train_cfg),
         hooks=api.training_hooks(model),
-        eval_fn=_held_out_loss(data, tokenizer) if train_cfg.eval_every else None,
+        eval_fn=_held_out_loss(data, tokenizer) if train_cfg.eval_every and data.answer_samples else None,
         log=say,
+        run_options={k: v for k, v in dataclasses.asdict(cfg).items() if k not in SCORING_ONLY},
     )
     result = trainer.train()
     adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]
@@ -67,7 +88,8 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     metrics = _metrics(
         cfg, train_cfg, before, after, result, train, model, adapter_dir, time.perf_counter() - started
     )
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
     say(format_table(before, after))
     say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
     return metrics

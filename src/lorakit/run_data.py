@@ -7,10 +7,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .data import EvalItem, build_sft_dataset, general_prompts, general_texts, load_task, read_examples
 from .options import RunConfig
 
 log = logging.getLogger("lorakit")
+
 
 @dataclass
 class EvalData:
@@ -20,13 +23,52 @@ class EvalData:
     prompts: list[str]
 
 
-def read_data(cfg: RunConfig, seed: int) -> tuple[list[Any], list[EvalItem]]:
+# With --data and no --eval-data, this share of the user's conversations is held out for the task
+# scores (seeded, at most MAX_HELD_OUT); below MIN_FOR_HOLD_OUT conversations the task is not scored.
+HOLD_OUT_FRACTION, MAX_HELD_OUT, MIN_FOR_HOLD_OUT = 0.1, 200, 20
+
+
+def read_data(cfg: RunConfig, seed: int, say: Any = log.info) -> tuple[list[Any], list[EvalItem]]:
     """Training conversations and held-out items; read (and validated) before any model loads,
-    so a malformed data line fails in milliseconds, not after the model load."""
-    task = load_task(cfg.task, seed=seed) if cfg.data is None or cfg.eval_data is None else None
-    train_convs = read_examples(cfg.data) if cfg.data else task.train
-    items = _eval_items(cfg.eval_data) if cfg.eval_data else task.eval
+    so a malformed data line fails in milliseconds, not after the model load.
+
+    Held-out items come from --eval-data, else from the built-in task when it is what trains, else
+    from a seeded 10% of --data: never from another task than the one trained."""
+    if cfg.data is None:
+        task = load_task(cfg.task, seed=seed)
+        train_convs = task.train
+        items = _eval_items(cfg.eval_data) if cfg.eval_data else task.eval
+    else:
+        train_convs = read_examples(cfg.data)
+        if cfg.eval_data:
+            items = _eval_items(cfg.eval_data)
+        else:
+            train_convs, items = hold_out(train_convs, seed, cfg.data, say)
     return train_convs, items[: cfg.eval_limit] if cfg.eval_limit else items
+
+
+def hold_out(conversations: list[Any], seed: int, path: str, say: Any) -> tuple[list[Any], list[EvalItem]]:
+    """Split a seeded share of `conversations` off as held-out items (each up to its last answer)."""
+    if len(conversations) < MIN_FOR_HOLD_OUT:
+        say(
+            f"no --eval-data and only {len(conversations)} conversations in {path}: the task scores "
+            f"(exact match, answer NLL) are skipped; forgetting is still measured. Pass --eval-data "
+            f"or {MIN_FOR_HOLD_OUT}+ conversations to score the task"
+        )
+        return conversations, []
+    count = min(MAX_HELD_OUT, max(1, round(HOLD_OUT_FRACTION * len(conversations))))
+    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    say(
+        f"no --eval-data: holding out {count} of the {len(conversations)} conversations in {path} "
+        f"(seed {seed}) for the task scores; training on the other {len(conversations) - count}"
+    )
+    items = []
+    for i in sorted(held):
+        conv = conversations[i]
+        last = max(j for j, m in enumerate(conv) if m["role"] == "assistant")
+        items.append(EvalItem(messages=conv[:last], reference=conv[last]["content"]))
+    return [c for i, c in enumerate(conversations) if i not in held], items
 
 
 def build_data(
@@ -39,6 +81,11 @@ def build_data(
         [[*it.messages, {"role": "assistant", "content": it.reference}] for it in items],
         cfg.max_length,
     )
+    if not train.samples:
+        raise ValueError(
+            f"no training sample is left: all {train.skipped} had their answer truncated away by "
+            f"--max-length {cfg.max_length}; raise --max-length or shorten the prompts"
+        )
     if train.skipped:
         log.warning(
             "skipped %d training sample(s) whose answer was truncated away (max_length=%d)",

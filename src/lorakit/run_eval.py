@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,25 +30,31 @@ def evaluate(
     """Task score and forgetting of `model` as it is now."""
     amp = eval_autocast(model)
     started = time.perf_counter()
-    match = ev.exact_match(
-        model,
-        tokenizer,
-        data.items,
-        score_exact_match,
-        max_new_tokens=cfg.eval_max_new_tokens,
-        autocast_dtype=amp,
-    )
-    out: dict[str, Any] = {
-        "exact_match": match["accuracy"],
-        "correct": match["correct"],
-        "n": match["n"],
-        "answer_nll": ev.answer_nll(
+    out: dict[str, Any] = {}
+    match: dict[str, Any] = {"examples": []}
+    if data.items:  # none: --data without --eval-data and too few conversations to hold any out
+        match = ev.exact_match(
+            model,
+            tokenizer,
+            data.items,
+            score_exact_match,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            autocast_dtype=amp,
+        )
+        out.update(exact_match=match["accuracy"], correct=match["correct"], n=match["n"])
+    if data.answer_samples:
+        out["answer_nll"] = ev.answer_nll(
             model, data.answer_samples, collate, tokenizer.pad_token_id, autocast_dtype=amp
-        )["nll"],
-        "general_nll": ev.text_nll(
-            model, tokenizer, data.texts, max_tokens=cfg.general_tokens, autocast_dtype=amp
-        )["nll"],
-    }
+        )["nll"]
+    out["general_nll"] = ev.text_nll(
+        model, tokenizer, data.texts, max_tokens=cfg.general_tokens, autocast_dtype=amp
+    )["nll"]
+    bad = {k: v for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"evaluation gave {', '.join(f'{k}={v}' for k, v in bad.items())}: the model or adapter "
+            "computes non-finite values (diverged weights, or an overflow under bf16 autocast)"
+        )
     out["general_ppl"] = float(torch.tensor(out["general_nll"]).exp())
     if reference is not None:
         out["kl_from_base"] = ev.next_token_kl(model, tokenizer, data.prompts, reference, autocast_dtype=amp)

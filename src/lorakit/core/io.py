@@ -1,11 +1,15 @@
-"""Writing files so that a reader never sees half of one: temporary file, fsync, rename."""
+"""Writing files so that a reader never sees half of one (temporary file or folder, fsync, rename),
+and refusing tensors that hold NaN or Inf before anything uses them."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import torch
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -37,3 +41,56 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a hidden temporary folder next to `folder`, then swap it into place: a
+    reader sees the old folder or the whole new one, never new weights beside an old config.
+    Whatever the old folder held that `write` did not rewrite (a heatmap, the user's own files) is
+    carried over as hard links, so nothing is copied and nothing is lost."""
+    folder = folder.resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = folder.parent / f".{folder.name}.old"
+    try:
+        write(tmp)
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if folder.is_dir():
+            _link_missing(folder, tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(folder.parent)
+
+
+def _link_missing(source: Path, target: Path) -> None:
+    """Hard-link every entry of `source` that `target` lacks into `target` (folders recursively)."""
+    for entry in source.iterdir():
+        destination = target / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            destination.mkdir(exist_ok=True)
+            _link_missing(entry, destination)
+        elif not destination.exists() and not destination.is_symlink():
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry), destination)
+            else:
+                os.link(entry, destination)
+
+
+def non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an Inf, in order."""
+    return [
+        name
+        for name, tensor in named
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]

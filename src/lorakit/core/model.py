@@ -6,6 +6,8 @@ so any torch module works without being subclassed or wrapped in a model-level c
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -65,8 +67,7 @@ def add_adapter(model: nn.Module, config: Any, adapter_name: str) -> None:
 
 def attach_model_adapter(model: nn.Module, config: Any, adapter: ModelAdapter, adapter_name: str) -> None:
     """Register a model-level adapter under `adapter_name` and let it wire itself in."""
-    if adapter_name in registry(model).configs:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
+    check_new_name(model, adapter_name)
     if CONTAINER not in model._modules:
         model.add_module(CONTAINER, nn.ModuleDict())
     model._modules[CONTAINER][adapter_name] = adapter
@@ -88,6 +89,21 @@ def _claimed_base_parameters(model: nn.Module) -> set[int]:
     }
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    """A new adapter's name: unused, and a plain name, since it becomes a subfolder when saved (an
+    absolute path or "../x" would write outside the output folder) and a module key (no dots)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} is not a plain name; use letters, digits, '_' and '-' (up to 64, "
+            "not starting with '-'), e.g. 'default' or 'icd-lora'"
+        )
+    if name in registry(model).configs:
+        raise ValueError(f"an adapter named {name!r} already exists; delete it or pick another name")
+
+
 def _check_name(model: nn.Module, name: str) -> None:
     if name not in registry(model).configs:
         known = ", ".join(registry(model).configs) or "none"
@@ -96,8 +112,7 @@ def _check_name(model: nn.Module, name: str) -> None:
 
 def inject(model: nn.Module, config: LayerMethodConfig, adapter_name: str) -> list[str]:
     """Wrap the config's target modules and give each a delta named `adapter_name`."""
-    if adapter_name in registry(model).configs:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
+    check_new_name(model, adapter_name)
     paths = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     registry(model).configs[adapter_name] = config
     try:
@@ -143,8 +158,10 @@ def freeze_base(model: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter everywhere; a layer left with no adapter becomes the original module."""
+def delete_adapter(model: nn.Module, adapter_name: str, keep_changes: bool = False) -> None:
+    """Remove an adapter everywhere; a layer left with no adapter becomes the original module.
+    In-place methods put the original tensors back unless `keep_changes` (they were never changed,
+    say, because a load failed before copying anything in)."""
     for path, layer, delta in list(adapter_deltas(model, adapter_name)):
         if adapter_name in layer.merged:
             layer.unmerge(adapter_name)
@@ -155,7 +172,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             model.set_submodule(path, layer.base_layer)
     container = model._modules.get(CONTAINER)
     if container is not None and adapter_name in container:
-        container[adapter_name].detach(model, keep_changes=False)
+        container[adapter_name].detach(model, keep_changes=keep_changes)
         del container[adapter_name]
         if not len(container):
             del model._modules[CONTAINER]
@@ -316,6 +333,30 @@ def training_hooks(model: nn.Module) -> list[TrainingHooks]:
         if hook is not None:
             hooks.append(hook)
     return hooks
+
+
+def adapter_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each adapter's config as plain values (its type and every compared field), for a checkpoint
+    to record and a resume to compare: a changed alpha or target list must not resume silently."""
+    settings = {}
+    for name, config in registry(model).configs.items():
+        values: dict[str, Any] = {"type": type(config).__name__}
+        if dataclasses.is_dataclass(config):
+            for f in dataclasses.fields(config):
+                if f.compare:
+                    values[f.name] = _plain(getattr(config, f.name))
+        settings[name] = values
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return getattr(value, "value", None) or repr(value)  # enums by value, the rest as text
 
 
 def summary(model: nn.Module) -> str:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .io import atomic_write
+from .io import atomic_folder, non_finite
 from .model import adapter_deltas, add_adapter, delete_adapter, model_adapters, registry, set_active
 from .target import candidates
 
@@ -54,31 +54,34 @@ def save_adapter(
     names = list(adapter_names) if adapter_names is not None else list(registry(model).configs)
     if not names:
         raise ValueError("this model has no lorakit adapter to save; call lorakit.apply first")
-    written = []
-    for name in names:
-        config = registry(model).configs.get(name)
-        if config is None:
-            raise KeyError(f"no adapter named {name!r}; adapters here: {list(registry(model).configs)}")
-        folder = Path(out_dir) if name == "default" else Path(out_dir) / name
-        adapter = dict(model_adapters(model)).get(name)
-        if adapter is not None:  # model-level: its own keys (PEFT's "prompt_embeddings") and config
-            tensors = {
-                k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()
-            }
-            _write_folder(folder, tensors, adapter.to_peft_dict())
-            written.append(folder)
-            continue
-        deltas = list(adapter_deltas(model, name))
-        peft_config = config.to_peft_dict()
-        peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
-        peft_config["exclude_modules"] = None
-        if any(_stores_in_out(layer) for _, layer, _ in deltas):
-            peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
-        make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
-        extra = make_extra() if callable(make_extra) else {}
-        _write_folder(folder, adapter_tensors(model, name), peft_config, extra)
-        written.append(folder)
-    return written
+    unknown = [n for n in names if n not in registry(model).configs]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown[0]!r}; adapters here: {list(registry(model).configs)}")
+    out = Path(out_dir)
+    atomic_folder(out, lambda tmp: [_write_adapter(model, name, tmp) for name in names])
+    return [out if name == "default" else out / name for name in names]
+
+
+def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
+    """One adapter's folder under `root` (the "default" one at the root itself, as PEFT does)."""
+    config = registry(model).configs[name]
+    folder = root if name == "default" else root / name
+    adapter = dict(model_adapters(model)).get(name)
+    if adapter is not None:  # model-level: its own keys (PEFT's "prompt_embeddings") and config
+        tensors = {
+            k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()
+        }
+        _write_folder(folder, tensors, adapter.to_peft_dict())
+        return
+    deltas = list(adapter_deltas(model, name))
+    peft_config = config.to_peft_dict()
+    peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
+    peft_config["exclude_modules"] = None
+    if any(_stores_in_out(layer) for _, layer, _ in deltas):
+        peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
+    make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
+    extra = make_extra() if callable(make_extra) else {}
+    _write_folder(folder, adapter_tensors(model, name), peft_config, extra)
 
 
 def _stores_in_out(layer: Any) -> bool:
@@ -90,11 +93,12 @@ def _stores_in_out(layer: Any) -> bool:
 def _write_folder(
     folder: Path, tensors: dict[str, Tensor], peft_config: dict[str, Any], extra: dict[str, str] | None = None
 ) -> None:
-    text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    """Plain writes: the whole tree is swapped into place by `atomic_folder` once complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     for file_name, content in (extra or {}).items():
-        atomic_write(folder / file_name, lambda tmp, content=content: Path(tmp).write_text(content))
+        (folder / file_name).write_text(content)
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -132,6 +136,12 @@ def read_adapter_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise AdapterLoadError(
             f"{weights} is not a readable safetensors file (corrupt or truncated?): {err}"
         ) from None
+    bad = non_finite(tensors.items())
+    if bad:
+        raise AdapterLoadError(
+            f"{weights} holds NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[0]}: the run that "
+            "wrote it diverged or the file is damaged; load an earlier checkpoint's adapter instead"
+        )
     return config, tensors
 
 
@@ -166,6 +176,21 @@ def _check_keys(expected: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         raise AdapterLoadError("the adapter does not fit this model: " + "; ".join(problems))
 
 
+def _roll_back(model: nn.Module, name: str, previous_active: list[str], copied: bool, err: Exception) -> None:
+    """Remove the half-loaded adapter and give the model back as it was, or say why it cannot be."""
+    try:
+        delete_adapter(model, name, keep_changes=not copied)
+    except RuntimeError as restore_error:  # an in-place method without a copy of the originals
+        delete_adapter(model, name, keep_changes=True)
+        raise AdapterLoadError(
+            f"{err}; the load had already overwritten some base tensors, which cannot be restored "
+            f"({restore_error}); load the base model again"
+        ) from err
+    finally:
+        if previous_active:
+            set_active(model, previous_active)
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -178,17 +203,18 @@ def load_adapter(
     config = config_from_peft(peft_config)
     previous_active = list(registry(model).active)
     add_adapter(model, config, adapter_name)
+    copying = False  # from here on, in-place methods (full fine-tuning) overwrite base tensors
     try:
         expected = _expected(model, adapter_name)
         _check_keys(expected, tensors)
         by_delta: dict[int, tuple[Any, dict[str, Tensor]]] = {}
         for key, (delta, suffix, _) in expected.items():
             by_delta.setdefault(id(delta), (delta, {}))[1][suffix] = tensors[key]
+        copying = True
         for delta, state in by_delta.values():
             delta.import_state(state)
-    except Exception:
-        delete_adapter(model, adapter_name)
-        set_active(model, previous_active) if previous_active else None
+    except Exception as err:
+        _roll_back(model, adapter_name, previous_active, copying, err)
         raise
     set_active(model, [adapter_name])
     if not trainable:

@@ -20,8 +20,11 @@ IGNORE_INDEX = -100
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool")
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content (str), plus the tool-call fields below where present
 Conversation = list[Message]
+# OpenAI's tool-calling fields, passed to the chat template as they are: an assistant turn's
+# `tool_calls` (its content may then be empty or null), a tool turn's `tool_call_id` and `name`.
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 
 _ANSI_TRAINED = "\x1b[1;32m"
 _ANSI_MASKED = "\x1b[2m"
@@ -96,11 +99,29 @@ def _validate_message(message: Any, index: int) -> Message:
         raise ValueError(
             f"message {index} has unknown role {role!r}; allowed roles are {', '.join(ALLOWED_ROLES)}"
         )
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        content = ""  # an assistant turn that only calls tools
     if not isinstance(content, str):
         raise TypeError(
             f"message {index} ({role}) has content of type {type(content).__name__}; content must be a string"
         )
-    return {"role": role, "content": content}
+    checked: Message = {"role": role, "content": content}
+    for key in TOOL_FIELDS:
+        if message.get(key) is not None:
+            checked[key] = _tool_field(message[key], key, index)
+    return checked
+
+
+def _tool_field(value: Any, key: str, index: int) -> Any:
+    if key == "tool_calls":
+        if not isinstance(value, list) or not all(isinstance(c, Mapping) for c in value):
+            raise TypeError(
+                f"message {index}: tool_calls must be a list of objects, got {type(value).__name__}"
+            )
+        return [dict(c) for c in value]
+    if not isinstance(value, str):
+        raise TypeError(f"message {index}: {key} must be a string, got {type(value).__name__}")
+    return value
 
 
 def _render(tokenizer: Any, messages: Conversation, generation_prompt: bool) -> str:

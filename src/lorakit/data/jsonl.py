@@ -25,17 +25,28 @@ class DataFormatError(ValueError):
 
 
 def read_examples(path: str | Path) -> list[Conversation]:
-    """Read every non-blank line of a JSONL file as a conversation."""
+    """Read every non-blank line of a JSONL file as a conversation; a file without one is an error."""
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a folder; pass a JSONL file (one conversation per line)")
     conversations: list[Conversation] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path}, line {line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                    f"column {err.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 conversations.append(_parse_line(line))
             except (ValueError, TypeError) as err:
                 raise DataFormatError(f"{path}, line {line_number}: {err}") from err
+    if not conversations:
+        raise DataFormatError(f"{path} holds no examples (it is empty or has only blank lines)")
     return conversations
 
 

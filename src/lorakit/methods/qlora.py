@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.model import inject
+from ..core.model import check_new_name, inject
+from ..core.target import find_targets
 from ..quant.linear import KERNELS, quantize_model
 from ..quant.nf4 import BLOCKSIZES
 from .lora import LoRAConfig
@@ -81,8 +82,18 @@ class QLoRAConfig(LoRAConfig):
         return names
 
     def apply_to(self, model: nn.Module, adapter_name: str) -> None:
-        self.quantize(model)
-        inject(model, self, adapter_name)
+        """Quantize, then inject; all or nothing: a bad name or target fails before any layer is
+        quantized, and a failure after puts the original full-precision layers back."""
+        check_new_name(model, adapter_name)
+        find_targets(model, self.target_modules, self.exclude_modules)
+        originals = dict(model.named_modules())
+        replaced = self.quantize(model)
+        try:
+            inject(model, self, adapter_name)
+        except BaseException:
+            for name in replaced:
+                model.set_submodule(name, originals[name])
+            raise
 
     def quantization_record(self) -> dict[str, Any]:
         return {

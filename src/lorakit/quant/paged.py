@@ -17,6 +17,7 @@ The update is AdamW (Loshchilov & Hutter, ICLR 2019) with bias correction, the s
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -44,11 +45,35 @@ class StatePool:
         if self.kind == "memory":
             return torch.zeros(shape, dtype=dtype)
         fd, path = tempfile.mkstemp(prefix="lorakit-paged-", suffix=".bin", dir=self.directory)
-        os.close(fd)
-        os.truncate(path, n * torch.empty((), dtype=dtype).element_size())  # a sparse file of zeros
+        try:
+            _reserve(fd, n * torch.empty((), dtype=dtype).element_size(), path)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
         tensor = torch.from_file(path, shared=True, size=n, dtype=dtype).view(shape)
         os.unlink(path)  # the mapping keeps the file alive; nothing is left behind on exit
         return tensor
+
+
+def _reserve(fd: int, size: int, path: str) -> None:
+    """Give the file its disk blocks now. A sparse file would get them only when the kernel writes
+    a page back, and on a full disk that kills the process with SIGBUS instead of an error."""
+    try:
+        os.posix_fallocate(fd, 0, size)  # zero-filled and reserved
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no room on the disk for {size / 2**20:.1f} MiB of paged optimizer state; free space "
+                "there, point the pool at another folder (StatePool(directory=...), or TMPDIR), or "
+                "train with optimizer=adamw",
+                os.path.dirname(path),
+            ) from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.truncate(fd, size)  # a file system without fallocate: sparse, as the last resort
 
 
 class PagedAdamW(torch.optim.Optimizer):

@@ -27,6 +27,7 @@ where gradients flow; without them (evaluation, generation) the call goes to SDP
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -191,10 +192,17 @@ def attention_forward(
     """transformers' attention-function signature; SDPA wherever this kernel does not apply."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("softcap") is not None:  # Gemma 2's attention soft-cap: SDPA has none either
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds its mask
+            blocked = torch.finfo(query.dtype).min
+            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+                ~attention_mask, blocked
+            )
+        eager = _eager_of(module)
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     unsupported = (
         (dropout > 0.0 and module.training)
-        or kwargs.get("softcap") is not None
         or kwargs.get("cache") is not None
         or kwargs.get("position_bias") is not None
         or not getattr(module, "is_causal", True)
@@ -212,6 +220,17 @@ def attention_forward(
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = grouped_attention(query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_of(module: nn.Module) -> Any:
+    """The eager attention function of the module's own modeling file (it knows the soft-cap)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"{type(module).__name__} soft-caps its attention scores and its modeling file has no "
+            "eager_attention_forward; train it with --attention eager"
+        )
+    return eager
 
 
 def register() -> str:

@@ -133,11 +133,18 @@ def _verify_file(folder: Path, name: str, expected: dict | None) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (0 keeps everything)."""
-    if keep <= 0:
+    """Delete all but the newest `keep` complete checkpoints (0 keeps every complete one), and every
+    incomplete folder (a save that was interrupted) older than the newest complete checkpoint:
+    nothing can resume from it, and a run killed often would otherwise fill the disk with them."""
+    found = list_checkpoints(root)
+    complete = [folder for _, folder, ok in found if ok]
+    if not complete:
         return
-    complete = [folder for _, folder, ok in list_checkpoints(root) if ok]
-    for folder in complete[:-keep]:
+    newest = max(step for step, _, ok in found if ok)
+    doomed = [folder for step, folder, ok in found if not ok and step < newest]
+    if keep > 0:
+        doomed += complete[:-keep]
+    for folder in doomed:
         (folder / MANIFEST).unlink(missing_ok=True)  # incomplete first, never "complete but half"
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -7,6 +7,7 @@ and `from_dict` refuses unknown keys so a typo in a YAML file fails loudly inste
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -132,6 +133,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 p.append(f"{name}={getattr(self, name)} must be >= 0 (0 disables it)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"lr={self.lr} must be a positive number (with lr=0 the adapter would train nothing)")
         if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
             p.append(
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size="
@@ -167,22 +170,56 @@ class TrainConfig:
                 f"unknown TrainConfig option(s): {', '.join(unknown)}; valid options are: {', '.join(names)}"
             )
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        return cls(**{k: coerce_option(k, v, hints[k]) for k, v in values.items()})
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Convert the loose types YAML produces (1e-3 is a string in YAML 1.1, 1 is an int)."""
-    try:
-        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-        if hint is int and isinstance(value, str):
-            return int(value)
+def coerce_option(name: str, value: Any, hint: Any, where: str = "option") -> Any:
+    """`value` as the type `hint` names, or a ValueError naming the option, the value and the type.
+
+    YAML gives loose types (1e-3 is a string in YAML 1.1, `on` a boolean); those convert. A value
+    that does not fit (`rank: eight`, `steps: 2.5`, `lr: [1]`) is an error here, not later.
+    """
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if typing.get_origin(hint) is Literal:
         if typing.get_args(hint) == COMPILES and isinstance(value, bool):
             return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
-        if hint is bool and isinstance(value, str):
-            return {"true": True, "false": False, "1": True, "0": False}[value.strip().lower()]
-    except (ValueError, KeyError):
+        return value  # the choices are checked where the option is used, with the list
+    base = args[0] if args and typing.get_origin(hint) is not Literal else hint
+    kind = getattr(base, "__name__", str(base))
+    try:
+        converted = _convert(value, base)
+    except (ValueError, KeyError, TypeError, OverflowError):
+        converted = None
+    if converted is None:
         raise ValueError(
-            f"TrainConfig option {name}={value!r} is not a valid {getattr(hint, '__name__', hint)}"
-        ) from None
+            f"{where} {name}={value!r} is not a valid {kind}; write it as {_EXAMPLES.get(kind, 'a ' + kind)}"
+        )
+    return converted
+
+
+_EXAMPLES = {"int": "a whole number (e.g. 8)", "float": "a number (e.g. 1e-3)", "bool": "true or false"}
+
+
+def _convert(value: Any, base: Any) -> Any:
+    """The converted value, or None when it does not fit."""
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return {"true": True, "false": False, "1": True, "0": False}[value.strip().lower()]
+        return None
+    if isinstance(value, bool):
+        return None  # True is an int in Python, not a number a user meant
+    if base is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return int(value) if isinstance(value, str) else None
+    if base is float:
+        return float(value) if isinstance(value, (int, float, str)) else None
+    if base is str:
+        return value if isinstance(value, str) else None
     return value

@@ -18,7 +18,9 @@ autocast's: logits from a matmul in the compute dtype, softmax in fp32, the grad
 the compute dtype for its matmul. Chunks default to ~24 MB of fp32 logits (128 rows of a 49k
 vocabulary), which glibc's allocator serves from its heap instead of fresh pages; under bf16
 autocast the head's matmuls take two chunks at a time (the same 24 MB in bf16). Any other head
-(an adapted or quantized one) falls back to activation checkpointing per chunk.
+(an adapted or quantized one) falls back to activation checkpointing per chunk, and so does a model
+that soft-caps its logits (Gemma 2: `cap * tanh(logits / cap)` with `config.final_logit_softcapping`),
+whose cap is applied to each chunk's logits before the softmax.
 
 The function returns the sum of token losses and the token count, so the caller can divide by the
 token count of a whole accumulated batch rather than average per micro-batch.
@@ -50,8 +52,10 @@ def chunked_causal_lm_loss(
     states (after the final norm) and the model's head is applied here. `verify_head=True` runs the
     whole model instead (`output_hidden_states=True`, `logits_to_keep=1`) and checks that
     `lm_head(hidden_states[-1])` reproduces the model's own logits, which fails for models that
-    scale or soft-cap logits after the head; the trainer does this on its first batch.
+    scale logits after the head in a way the config does not declare; the trainer does this on its
+    first batch. A declared soft-cap (`config.final_logit_softcapping`) is applied here too.
     """
+    cap = softcap_of(model)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
@@ -76,16 +80,26 @@ def chunked_causal_lm_loss(
         hidden = out.hidden_states[-1]  # (B, T, H)
         head = _output_head(model)
         if verify_head:
-            _check_head(head, hidden, out.logits)
+            _check_head(head, hidden, out.logits, cap)
     rows = hidden[:, :-1][keep]  # (N, H)
-    return _chunked_ce(head, rows, targets[keep], chunk_size), count
+    return _chunked_ce(head, rows, targets[keep], chunk_size, cap), count
 
 
-def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+def softcap_of(model: nn.Module) -> float | None:
+    """The final-logit soft-cap a model's config declares (Gemma 2 and 3), or None."""
+    config = getattr(model, "config", None)
+    cap = getattr(getattr(config, "get_text_config", lambda: config)(), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _chunked_ce(
+    head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int, cap: float | None = None
+) -> Tensor:
     """Sum of CE over row chunks (`chunk_size` rows; 0 = about LOGITS_CHUNK_BYTES of fp32 logits)."""
-    if type(head) is nn.Linear:
+    fused = cap is None  # the fused kernels know no soft-cap: the checkpointed chunks apply it
+    if fused and type(head) is nn.Linear:
         return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_size)
-    if getattr(head, "is_quantized_linear", False) and getattr(head, "bias", None) is None:
+    if fused and getattr(head, "is_quantized_linear", False) and getattr(head, "bias", None) is None:
         # a 4-bit head (an NF4 tied embedding): dequantize it once for all chunks, not per chunk
         return linear_cross_entropy(rows, head.dequantize(_compute_dtype(rows)), None, targets, chunk_size)
     if chunk_size <= 0:
@@ -95,9 +109,9 @@ def _chunked_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int)
     for start in range(0, rows.shape[0], chunk_size):
         h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
         if recompute:
-            total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, h, y, cap, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, h, y)
+            total = total + _chunk_loss(head, h, y, cap)
     return total
 
 
@@ -253,9 +267,13 @@ def _softmax_grad_(logits: Tensor, z: Tensor, targets: Tensor, grad: bool, d_bia
     return loss
 
 
-def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    logits = head(hidden).float()  # (n, V): the only fp32 logits alive at a time
+def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor, cap: float | None = None) -> Tensor:
+    logits = _capped(head(hidden).float(), cap)  # (n, V): the only fp32 logits alive at a time
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _capped(logits: Tensor, cap: float | None) -> Tensor:
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def _output_head(model: nn.Module) -> nn.Module:
@@ -269,16 +287,16 @@ def _output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def _check_head(head: nn.Module, hidden: Tensor, model_logits: Tensor) -> None:
+def _check_head(head: nn.Module, hidden: Tensor, model_logits: Tensor, cap: float | None) -> None:
     """Compare our head on the last position with the logits the model computed itself."""
     with torch.no_grad():
-        ours = head(hidden[:, -1:]).float()
+        ours = _capped(head(hidden[:, -1:]).float(), cap)
         theirs = model_logits[:, -1:].float()
         scale = 1.0 + float(theirs.abs().max())
         if not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * scale):
             raise ValueError(
                 "lm_head(hidden_states[-1]) does not reproduce the model's logits (max difference "
                 f"{float((ours - theirs).abs().max()):.3g}): this model changes logits after the "
-                "head (scaling, soft-capping) or its last hidden state is not after the final "
-                "norm; the chunked loss cannot be used for it"
+                "head in a way its config does not declare (a scale, an undeclared soft-cap) or its "
+                "last hidden state is not after the final norm; the chunked loss cannot be used for it"
             )

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lorakit.core.io import atomic_write
+
 
 class JsonlLog:
     """Append-only log.jsonl; on resume the lines after the checkpoint are dropped, since the
@@ -17,9 +19,8 @@ class JsonlLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resume_step is None else read_log(path, up_to_step=resume_step)
         self.kept = kept  # what a resumed run keeps of the interrupted one (its evaluations too)
-        with open(path, "w") as handle:
-            for record in kept:
-                handle.write(json.dumps(record) + "\n")
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        atomic_write(path, lambda tmp: tmp.write_text(text))  # a crash here keeps the old log whole
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:

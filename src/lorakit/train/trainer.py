@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lorakit.core.model import training_hooks
+from lorakit.core.model import adapter_settings, training_hooks
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import (
     Collate,
@@ -94,8 +94,15 @@ class Trainer:
         hooks: Sequence[Any] | None = None,
         eval_fn: EvalFn | None = None,
         log: Callable[[str], None] | None = None,
+        run_options: dict[str, Any] | None = None,
     ) -> None:
+        """`run_options`: settings outside `config` that change what the run computes (the method,
+        the model, the data options of a command-line run). Checkpoints record them with the
+        adapters' configs, and a resume with any of them changed is refused, naming it."""
         check_has_loss_tokens(train_samples)
+        self.run_options = dict(run_options or {})
+        # as configured, before training: some configs fill in state as they train (AdaLoRA's ranks)
+        self.adapter_settings = adapter_settings(model)
         self.model, self.samples, self.config = model, train_samples, config
         self.collate, self.pad_id, self.eval_fn = collate, pad_id, eval_fn
         # None: the hooks of the model's methods (AdaLoRA's budget), so they cannot be forgotten
@@ -163,7 +170,7 @@ class Trainer:
 
     def _optimizer_step(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> dict:
         self._call("on_step_start", step)
-        task_loss = self._accumulate(batches, loss_tokens)
+        task_loss = self._accumulate(batches, loss_tokens, step)
         extras = self._extra_losses()
         self._call("on_after_backward", step)
         grad_norm = self._clip(step)
@@ -183,7 +190,7 @@ class Trainer:
             **extras,
         }
 
-    def _accumulate(self, batches: list[dict[str, Tensor]], loss_tokens: int) -> float:
+    def _accumulate(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> float:
         """Backpropagate every micro-batch's share of the token-mean loss; return that mean."""
         total = 0.0
         for batch in batches:
@@ -202,7 +209,7 @@ class Trainer:
             self._head_checked = True
             value = float(loss_sum.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(_nonfinite("the loss", value))
+                raise FloatingPointError(self._diverged("the loss", value, step))
             (loss_sum / loss_tokens).backward()
             total += value
         return total / loss_tokens
@@ -228,7 +235,7 @@ class Trainer:
         max_norm = self.config.max_grad_norm or math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), max_norm))
         if not math.isfinite(norm):
-            raise FloatingPointError(_nonfinite(f"the gradient norm at step {step + 1}", norm))
+            raise FloatingPointError(self._diverged("the gradient norm", norm, step))
         return norm
 
     def _after_step(
@@ -313,6 +320,17 @@ class Trainer:
         self._say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
         return record
 
+    def _diverged(self, what: str, value: float, step: int) -> str:
+        """Why training stops: the step, the last good checkpoint, and what to try."""
+        latest, _ = ckpt.latest_complete(self.checkpoint_root)
+        where = (
+            f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+        )
+        return (
+            f"{what} is {value} at step {step + 1}: training diverged and stopped; {where}. Try a "
+            "lower lr, keep max_grad_norm > 0, or precision='fp32' to rule out bf16 overflow"
+        )
+
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _begin(self) -> tuple[_Progress, SampleOrder]:
@@ -342,6 +360,8 @@ class Trainer:
             "data": fingerprint(self.samples),
             "groups": self.group_names,
             "hooks": [h.state_dict() for h in self._stateful_hooks()],
+            "run_options": self.run_options,
+            "adapters": self.adapter_settings,
         }
         folder = ckpt.step_dir(self.checkpoint_root, progress.step)
         ckpt.save_checkpoint(folder, {n: p.detach() for n, p in self.trainable.items()}, state)
@@ -349,8 +369,8 @@ class Trainer:
 
     def _restore(self, folder: Path) -> tuple[_Progress, SampleOrder]:
         weights, state = ckpt.load_checkpoint(folder)
+        self._check_same_run(state, folder)  # first: it names the option that changed
         ckpt.check_compatible(weights, {n: p.detach() for n, p in self.trainable.items()}, folder)
-        self._check_same_run(state, folder)
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(weights[name])
@@ -370,6 +390,8 @@ class Trainer:
             for k in TRAJECTORY_FIELDS
             if saved.get(k) != getattr(self.config, k)
         ]
+        diffs += _changed("", state.get("run_options"), self.run_options)
+        diffs += _changed("adapter ", state.get("adapters"), self.adapter_settings)
         if state["data"] != fingerprint(self.samples):
             diffs.append("the training samples differ (token hash)")
         if state["groups"] != self.group_names:
@@ -385,6 +407,30 @@ class Trainer:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def _changed(prefix: str, saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """ "name=old there, new here" for every setting that differs (None: an older checkpoint that
+    did not record them, which is not checked)."""
+    if saved is None:
+        return []
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    return [
+        f"{prefix}{k}={flat_saved.get(k)!r} there, {flat_now.get(k)!r} here"
+        for k in sorted(set(flat_saved) | set(flat_now))
+        if flat_saved.get(k) != flat_now.get(k)
+    ]
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"default": {"alpha": 32}} -> {"default.alpha": 32}."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _group_names(groups: list[dict], trainable: dict[str, nn.Parameter]) -> list[list[str]]:
@@ -439,13 +485,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     if frozen and hasattr(model, "enable_input_require_grads"):
         # with a frozen embedding, a reentrant checkpoint would see no input that needs grad
         model.enable_input_require_grads()
-
-
-def _nonfinite(what: str, value: float) -> str:
-    return (
-        f"{what} is {value}: training diverged. Lower lr, keep max_grad_norm > 0, or try "
-        "precision='fp32' to rule out bf16 overflow"
-    )
 
 
 def _cuda_devices() -> list[int]:
