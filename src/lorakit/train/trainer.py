@@ -371,6 +371,11 @@ class Trainer:
         weights, state = ckpt.load_checkpoint(folder)
         self._check_same_run(state, folder)  # first: it names the option that changed
         ckpt.check_compatible(weights, {n: p.detach() for n, p in self.trainable.items()}, folder)
+        if state["groups"] != self.group_names:
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} belongs to a different run: the optimizer parameter groups "
+                "differ. Resume with the same settings, or start in a fresh output_dir"
+            )
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(weights[name])
@@ -394,8 +399,6 @@ class Trainer:
         diffs += _changed("adapter ", state.get("adapters"), self.adapter_settings)
         if state["data"] != fingerprint(self.samples):
             diffs.append("the training samples differ (token hash)")
-        if state["groups"] != self.group_names:
-            diffs.append("the optimizer parameter groups differ")
         if len(state["hooks"]) != len(self._stateful_hooks()):
             diffs.append(f"{len(state['hooks'])} hooks with state there, {len(self._stateful_hooks())} here")
         if diffs:
