@@ -29,6 +29,7 @@ from .methods import (
     AdaLoRAConfig,
     AdaLoRAScheduleError,
     AdapterConfig,
+    ALoRAConfig,
     BitFitConfig,
     DoRAConfig,
     FullFinetuneConfig,
@@ -55,6 +56,7 @@ def load_model(path: str | None = None, **kwargs: Any) -> Any:
 __all__ = [
     "METHODS",
     "AdaLoRAConfig",
+    "ALoRAConfig",
     "AdaLoRAScheduleError",
     "AdapterConfig",
     "BitFitConfig",

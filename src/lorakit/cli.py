@@ -146,12 +146,18 @@ def _load_as_trained(model: Any, adapter: str) -> bool:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from . import api
+    from .conversation import conversation_repl
+    from .core.model import registry
     from .generate import chat_repl
     from .run import api_load
 
     model, tokenizer = api_load(args.model)
     if args.adapter:
         _load_as_trained(model, args.adapter)
+        config = registry(model).configs["default"]
+        if getattr(config, "invoked_on_base_cache", False):  # aLoRA: no merge; reuse the base cache
+            conversation_repl(model, tokenizer, "default", max_new_tokens=args.max_new_tokens)
+            return
         if args.merge:
             api.merge(model)
     chat_repl(model, tokenizer, max_new_tokens=args.max_new_tokens)

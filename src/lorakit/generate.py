@@ -33,7 +33,7 @@ def stream_chat(
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     device = next(model.parameters()).device
     step = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     past, reply, shown = None, [], ""
     cache_name = cache_argument(model)
     with torch.inference_mode():
@@ -116,7 +116,7 @@ def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])

@@ -145,6 +145,13 @@ class RunConfig:
     prefix_projection: int = field(
         default=0, metadata=_help("prefix tuning: hidden size of the reparameterisation MLP (0 = none)")
     )
+    invocation: str | None = field(
+        default=None,
+        metadata=_help(
+            "aLoRA: the text that switches the adapter on (default: the chat template's assistant "
+            "header, so only answers are adapted)"
+        ),
+    )
     quantize_embeddings: bool = field(
         default=False,
         metadata=_help("qlora: also store the embedding table (and the output head, tied or not) in NF4"),
@@ -175,6 +182,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "prompt_init_text": ("init_text",),
     "prefix_projection": ("projection_size",),
     "quantize_embeddings": ("quantize_embeddings",),
+    "invocation": ("invocation",),
 }
 
 
@@ -209,6 +217,7 @@ def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
         "tokenizer": tokenizer,
         "projection_size": cfg.prefix_projection,
         "quantize_embeddings": cfg.quantize_embeddings,
+        "invocation": cfg.invocation,
     }
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 

@@ -112,6 +112,14 @@ CASES = [
         lambda: lk.AdaLoRAConfig(target_rank=2, init_rank=4, alpha=32),
     ),
     Case("adalora-gpt2-conv1d", tiny_gpt2, lambda: lk.AdaLoRAConfig(target_rank=3, alpha=48)),
+    # aLoRA on every linear: the battery's ids hold its invocation (199) twice in row 0 (the last one
+    # starts it) and not at all in row 1 (the base model's output, with one warning)
+    Case(
+        "alora-llama-bias",
+        lambda: tiny_llama(bias=True),
+        lambda: lk.ALoRAConfig(rank=4, alpha=6, invocation_tokens=[199]),
+        mergeable=False,
+    ),
     # QLoRA's base is the 4-bit model (so the model is quantized before the battery's "base" is
     # taken); merging swaps in full precision and unmerge restores the 4-bit layer exactly.
     Case(

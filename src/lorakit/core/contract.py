@@ -52,9 +52,31 @@ class Delta(nn.Module):
     # back on unwrap): the trainer then leaves that weight in fp32 instead of storing it in bf16
     # (lorakit.train.fast). DoRA reads W0 for its norms but takes them in fp32 from any dtype.
     keeps_base_precision: ClassVar[bool] = False
+    # True if the output depends on where each token is (aLoRA's activation start, a router's
+    # signal): `core.model.inject` then binds the delta to the model's per-forward context
+    # (core/context.py), which `self.context` returns inside forward.
+    needs_context: ClassVar[bool] = False
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         raise NotImplementedError
+
+    @property
+    def context(self) -> Any:
+        """The `ForwardContext` of the current decoder call (only for `needs_context` deltas)."""
+        holder = self.__dict__.get("_context_holder")
+        current = None if holder is None else holder.current
+        if current is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs to know which tokens it sees, and no decoder call has "
+                "set the per-forward context: call the model (or its decoder, model.base_model) "
+                "rather than a layer on its own"
+            )
+        return current
+
+    @property
+    def context_value(self) -> Any:
+        """What this delta's adapter computed for the current call (its contributor's value)."""
+        return self.context.values.get(self.__dict__["_adapter_name"])
 
     def add_to(self, out: Tensor, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         """`out` plus this delta's output; a method may fuse the addition into its last op."""

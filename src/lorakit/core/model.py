@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .context import drop_contributor, holder_of
 from .contract import AdaptedLayer, Delta, LayerMethodConfig, ModelAdapter, Role, TrainingHooks
 from .target import find_targets
 
@@ -121,14 +122,29 @@ def inject(model: nn.Module, config: LayerMethodConfig, adapter_name: str) -> li
             layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
             if layer is not module:
                 model.set_submodule(path, layer)
-            layer.adapters[adapter_name] = config.build(layer, path)
+            delta = config.build(layer, path)
+            layer.adapters[adapter_name] = delta
             # new modules start in training mode; follow the model's, or adapters on a model put
             # in eval() before apply() would run dropout (and skip eval caches) at inference
             layer.train(module.training)
+            if delta.needs_context:
+                _bind_context(model, config, adapter_name, layer, delta)
     except Exception:
         delete_adapter(model, adapter_name)
         raise
     return paths
+
+
+def _bind_context(model: nn.Module, config: Any, name: str, layer: AdaptedLayer, delta: Delta) -> None:
+    """Give a context-reading delta the model's per-forward context (core/context.py), and register
+    what its config computes per call (`config.context_contributor(name)`, if it has one)."""
+    holder = holder_of(model)
+    delta.__dict__["_context_holder"] = holder  # outside the module tree: the model owns the holder
+    delta.__dict__["_adapter_name"] = name
+    make = getattr(config, "context_contributor", None)
+    if callable(make) and name not in holder.contributors:
+        holder.contributors[name] = make(name)
+        holder.is_on[name] = lambda: layer.enabled and name in layer.active and name not in layer.merged
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -179,6 +195,7 @@ def delete_adapter(model: nn.Module, adapter_name: str, keep_changes: bool = Fal
     reg = registry(model)
     reg.configs.pop(adapter_name, None)
     reg.active = [n for n in reg.active if n != adapter_name]
+    drop_contributor(model, adapter_name)
 
 
 @contextmanager
@@ -260,6 +277,8 @@ def unload(model: nn.Module) -> nn.Module:
         adapter.detach(model, keep_changes=True)
         adapter.set_trainable(False)
     model._modules.pop(CONTAINER, None)
+    for name in list(registry(model).configs):
+        drop_contributor(model, name)
     model.__dict__.pop("_lorakit", None)
     return model
 

@@ -8,6 +8,7 @@ from typing import Any
 from .adalora import AdaLoRAConfig
 from .adalora_budget import AdaLoRAScheduleError, RankAllocator
 from .adapter import AdapterConfig
+from .alora import ALoRAConfig
 from .dora import DoRAConfig
 from .inplace import IN_PLACE, BitFitConfig, FullFinetuneConfig, NormTuningConfig
 from .lora import LoRAConfig
@@ -22,6 +23,7 @@ METHODS: dict[str, type] = {
     "dora": DoRAConfig,
     "loraplus": LoRAPlusConfig,
     "adalora": AdaLoRAConfig,
+    "alora": ALoRAConfig,
     "qlora": QLoRAConfig,
     "adapter": AdapterConfig,
     "prompt": PromptTuningConfig,
@@ -37,7 +39,9 @@ def config_from_peft(d: dict[str, Any]) -> Any:
     peft_type = str(d.get("peft_type", "")).upper()
     if peft_type == "LORA":
         if d.get("alora_invocation_tokens"):
-            raise ValueError("this is an aLoRA adapter; aLoRA is not in this lorakit version yet")
+            if d.get("use_dora"):
+                raise ValueError("this adapter combines aLoRA and DoRA; lorakit's aLoRA is LoRA-based")
+            return ALoRAConfig.from_peft_dict(d)
         return (DoRAConfig if d.get("use_dora") else LoRAConfig).from_peft_dict(d)
     if peft_type == "ADALORA":
         return AdaLoRAConfig.from_peft_dict(d)
@@ -55,6 +59,7 @@ def config_from_peft(d: dict[str, Any]) -> Any:
 __all__ = [
     "METHODS",
     "AdaLoRAConfig",
+    "ALoRAConfig",
     "AdaLoRAScheduleError",
     "RankAllocator",
     "AdapterConfig",
