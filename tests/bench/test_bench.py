@@ -266,3 +266,25 @@ def test_school_cases_generate_at_batch_1_and_8() -> None:
         result = run_case(spec)
         assert result["batch"] == find_case(name).batch and result["adapted_layers"] > 0
         assert len(result["fingerprint"]["generated_ids"]) == 64
+
+
+def test_alora_suite_runs_every_arm_and_checks_against_no_cache(tmp_path) -> None:
+    """The 50-turn aLoRA benchmark's machinery on the tiny model (3 turns): every arm, the same
+    conversation, aLoRA's tokens equal to aLoRA without a cache, the report files."""
+    from lorakit.bench.alora import run_alora_bench
+
+    report = run_alora_bench(model="tiny", turns=3, turn_tokens=20, out_dir=tmp_path, check_turns=(1, 3))
+    arms = report["arms"]
+    assert all(len(arms[a]["turns"]) == 3 for a in ("alora", "lora_reprefill", "lora_own_cache", "base"))
+    assert [c["equal"] for c in arms["alora"]["checks"]] == [True, True]
+    histories = {a: [r["history"] for r in arms[a]["turns"]] for a in arms if "turns" in arms[a]}
+    assert len({tuple(h) for h in histories.values()}) == 1  # every arm saw the same conversation
+    from lorakit.bench.alora import INVOCATION
+    from lorakit.models import tiny_tokenizer
+
+    invocation = len(tiny_tokenizer()(INVOCATION + "\n", add_special_tokens=False)["input_ids"])
+    alora, reprefill = arms["alora"]["turns"][-1], arms["lora_reprefill"]["turns"][-1]
+    assert alora["prefilled"] == invocation  # only the invocation, whatever the history
+    assert reprefill["prefilled"] == reprefill["history"] + invocation
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"alora.{suffix}").is_file()

@@ -12,7 +12,13 @@ from .runner import run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=(*SUITES, "all"), default="infer")
+    parser.add_argument(
+        "--suite",
+        choices=(*SUITES, "all", "alora"),
+        default="infer",
+        help="alora: the multi-turn conversation of docs/methods/alora.md (its own report)",
+    )
+    parser.add_argument("--turns", type=int, default=50, help="alora suite: conversation turns")
     parser.add_argument(
         "--vs-peft",
         action=argparse.BooleanOptionalAction,
@@ -53,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the bench; exit status 1 if any case failed."""
+    if args.suite == "alora":
+        from .alora import run_alora_bench
+
+        alora = run_alora_bench(model=args.model, turns=args.turns, threads=args.threads, out_dir=args.out)
+        print(Path(alora["files"]["markdown"]).read_text())
+        return 0 if all(c["equal"] for c in alora["arms"].get("alora", {}).get("checks", [])) else 1
     report = run_bench(
         suite=args.suite,
         vs_peft=args.vs_peft,
