@@ -10,6 +10,7 @@ from .api import (
     apply,
     delete_adapter,
     disable_adapters,
+    export_lora,
     load_adapter,
     merge,
     merge_and_unload,
@@ -42,6 +43,7 @@ from .methods import (
     loraplus_optimizer,
 )
 from .methods.qlora import QLoRAConfig
+from .methods.quantum import QuantumPEFTConfig
 
 __version__ = "0.1.0"
 
@@ -68,6 +70,8 @@ __all__ = [
     "DoRAConfig",
     "LoRAPlusConfig",
     "QLoRAConfig",
+    "QuantumPEFTConfig",
+    "export_lora",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
     "AdaptedLayer",

@@ -43,6 +43,11 @@ def load_adapter(
     return config
 
 
+def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write a fixed low-rank adapter (Quantum-PEFT) as a plain PEFT LoRA folder with the same change."""
+    return state.save_as_lora(model, out_dir, adapter_name)
+
+
 def set_active(model: nn.Module, adapter_names: str | Sequence[str]) -> None:
     core.set_active(model, adapter_names)
 

@@ -144,6 +144,16 @@ def _load_as_trained(model: Any, adapter: str) -> bool:
     return quantized
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from . import api
+    from .run import api_load
+
+    model, _ = api_load(args.model)
+    _load_as_trained(model, args.adapter)
+    out = api.export_lora(model, args.out)
+    print(f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from . import api
     from .conversation import conversation_repl
@@ -248,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "merge", cmd_merge, "merge an adapter into its base and write a plain Hugging Face model folder"
+    )
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
+
+    p = command(
+        "export", cmd_export, "write a fixed low-rank adapter (Quantum-PEFT) as a plain PEFT LoRA folder"
     )
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)

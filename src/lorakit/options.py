@@ -152,6 +152,13 @@ class RunConfig:
             "header, so only answers are adapted)"
         ),
     )
+    circuit_layers: int = field(
+        default=2, metadata=_help("Quantum-PEFT: L, the entangling layers of each factor's circuit")
+    )
+    nonpow2: str = field(
+        default="qr",
+        metadata=_help("Quantum-PEFT: dimensions that are not powers of two: qr (orthonormal) or truncate"),
+    )
     quantize_embeddings: bool = field(
         default=False,
         metadata=_help("qlora: also store the embedding table (and the output head, tied or not) in NF4"),
@@ -183,6 +190,8 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "prefix_projection": ("projection_size",),
     "quantize_embeddings": ("quantize_embeddings",),
     "invocation": ("invocation",),
+    "circuit_layers": ("layers",),
+    "nonpow2": ("nonpow2",),
 }
 
 
@@ -218,6 +227,8 @@ def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
         "projection_size": cfg.prefix_projection,
         "quantize_embeddings": cfg.quantize_embeddings,
         "invocation": cfg.invocation,
+        "layers": cfg.circuit_layers,
+        "nonpow2": cfg.nonpow2,
     }
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
@@ -254,8 +265,11 @@ def split_options(values: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
     for name in ("target_modules", "exclude_modules"):  # YAML lists of module names
         if isinstance(values.get(name), list) and all(isinstance(v, str) for v in values[name]):
             values = {**values, name: ",".join(values[name])}
+    given = [k for k in values if k in run_names]
+    method_defaults = getattr(METHODS.get(values.get("method", "lora")), "run_defaults", {})
+    values = {**method_defaults, **values}  # e.g. Quantum-PEFT's alpha 1 where LoRA's is 32
     run = RunConfig(**{k: coerce_option(k, v, hints[k]) for k, v in values.items() if k in run_names})
-    check_method_options(run.method, [k for k in values if k in run_names])
+    check_method_options(run.method, given)
     train_values = {k: v for k, v in values.items() if k in train_names}
     method_lr = getattr(METHODS.get(run.method), "default_lr", None)
     if "lr" not in train_values and method_lr is not None:  # e.g. prompt tuning 3e-2, full 2e-5

@@ -112,6 +112,11 @@ CASES = [
         lambda: lk.AdaLoRAConfig(target_rank=2, init_rank=4, alpha=32),
     ),
     Case("adalora-gpt2-conv1d", tiny_gpt2, lambda: lk.AdaLoRAConfig(target_rank=3, alpha=48)),
+    Case(
+        "quantum-llama-bias",
+        lambda: tiny_llama(bias=True),
+        lambda: lk.QuantumPEFTConfig(rank=4, layers=2, alpha=2.0),
+    ),
     # aLoRA on every linear: the battery's ids hold its invocation (199) twice in row 0 (the last one
     # starts it) and not at all in row 1 (the base model's output, with one warning)
     Case(
@@ -309,9 +314,11 @@ def test_merge_refuses_nan_and_changes_nothing(case: Case) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     last = [m for m in model.modules() if isinstance(m, lk.Delta)][-1]
     with torch.no_grad():
-        next(iter(last.role_parameters()[lk.Role.B])).fill_(float("nan"))
+        roles = last.role_parameters()  # poison the factor that scales the update: B, or lambda
+        poisoned = next(iter(roles.get(lk.Role.B) or roles[lk.Role.SINGULAR]))
+        poisoned.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN or Inf"):
         lk.merge(model)
     for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]) or key.endswith(("lora_B", "lora_embedding_B")), key
+        assert torch.equal(value, before[key]) or value.data_ptr() == poisoned.data_ptr(), key
     assert all(not m.merged for m in model.modules() if isinstance(m, AdaptedLayer))

@@ -49,6 +49,7 @@ class ForwardContext:
     cache: Any = None  # the cache this call extends (state that must outlive the call rides on it)
     explicit: dict[str, Tensor] = field(default_factory=dict)  # values set by the caller
     values: dict[str, Any] = field(default_factory=dict)  # adapter name -> what it computed
+    members: dict[str, list[Any]] = field(default_factory=dict)  # adapter name -> its bound deltas
 
     @property
     def batch(self) -> int:
@@ -85,6 +86,7 @@ class ContextHolder:
             )
         self.model = weakref.ref(model)
         self.contributors: dict[str, Contributor] = {}
+        self.members: dict[str, list[Any]] = {}  # adapter name -> its context-reading deltas
         self.is_on: dict[str, Callable[[], bool]] = {}
         self.current: ForwardContext | None = None
         self.explicit: dict[str, Tensor] = {}
@@ -154,7 +156,14 @@ class ContextHolder:
             positions = _positions_from_mask(mask, past, length) if _is_2d(mask) else index
         known = _ids_so_far(cache, ids, past, batch, length, ref.device)
         context = ForwardContext(
-            index, positions.expand(batch, length), known, ids is not None, past, cache, dict(self.explicit)
+            index,
+            positions.expand(batch, length),
+            known,
+            ids is not None,
+            past,
+            cache,
+            dict(self.explicit),
+            members=self.members,
         )
         for name, contribute in self.contributors.items():
             context.values[name] = contribute(context, self.is_on[name]())
@@ -203,6 +212,7 @@ def drop_contributor(model: nn.Module, name: str) -> None:
         return
     holder.contributors.pop(name, None)
     holder.is_on.pop(name, None)
+    holder.members.pop(name, None)
     if not holder.contributors:
         holder.remove()
         del model.__dict__[HOLDER]

@@ -24,7 +24,8 @@ class Role(str, Enum):
     A = "A"  # down-projection (rank x in)
     B = "B"  # up-projection (out x rank)
     MAGNITUDE = "magnitude"  # DoRA's per-output-unit magnitude
-    SINGULAR = "singular"  # AdaLoRA's singular values
+    SINGULAR = "singular"  # AdaLoRA's singular values, Quantum-PEFT's lambda
+    ANGLE = "angle"  # Quantum-PEFT's circuit angles
     PROMPT = "prompt"  # virtual-token embeddings / prefixes
     BIAS = "bias"
     NORM = "norm"

@@ -141,6 +141,7 @@ def _bind_context(model: nn.Module, config: Any, name: str, layer: AdaptedLayer,
     holder = holder_of(model)
     delta.__dict__["_context_holder"] = holder  # outside the module tree: the model owns the holder
     delta.__dict__["_adapter_name"] = name
+    holder.members.setdefault(name, []).append(delta)
     make = getattr(config, "context_contributor", None)
     if callable(make) and name not in holder.contributors:
         holder.contributors[name] = make(name)

@@ -84,6 +84,54 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
     _write_folder(folder, adapter_tensors(model, name), peft_config, extra)
 
 
+def save_as_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` as a plain PEFT LoRA folder, for deltas that are a fixed rank-r
+    change and say how (`delta.as_lora() -> (A (r, in), B (out, r))`, the change being B @ A):
+    PEFT, vLLM and llama.cpp then serve it unchanged. lora_alpha = r, so PEFT's scale is 1."""
+    deltas = list(adapter_deltas(model, adapter_name))
+    if not deltas:
+        raise KeyError(
+            f"no layer adapter named {adapter_name!r}; adapters here: {list(registry(model).configs)}"
+        )
+    missing = [path for path, _, d in deltas if not callable(getattr(d, "as_lora", None))]
+    if missing:
+        raise ValueError(
+            f"{type(deltas[0][2]).__name__} has no LoRA form (e.g. {missing[0]}); nothing was written"
+        )
+    tensors, rank = {}, None
+    for path, layer, delta in deltas:
+        a, b = delta.as_lora()
+        if _stores_in_out(layer):
+            raise ValueError(
+                f"{path} stores its weight as (in, out) (GPT-2 Conv1D); export it from a Linear model"
+            )
+        rank = a.shape[0]
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": _target_list(model, [p for p, _, _ in deltas]),
+        "exclude_modules": None,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_dora": False,
+        "lora_bias": False,
+        "inference_mode": True,
+    }
+    out = Path(out_dir)
+    atomic_folder(out, lambda tmp: _write_folder(tmp, tensors, config))
+    return out
+
+
 def _stores_in_out(layer: Any) -> bool:
     """GPT-2's Conv1D stores (in, out), also when lorakit.quant holds it in 4 bits as (out, in)."""
     original_in_out = getattr(layer.base_layer, "from_conv1d", False)

@@ -16,6 +16,7 @@ from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, lo
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .qlora import QLoRAConfig
+from .quantum import QuantumPEFTConfig
 
 # CLI / YAML method name -> config class. Later members add one line each.
 METHODS: dict[str, type] = {
@@ -31,6 +32,7 @@ METHODS: dict[str, type] = {
     "bitfit": BitFitConfig,
     "norm": NormTuningConfig,
     "full": FullFinetuneConfig,
+    "quantum": QuantumPEFTConfig,
 }
 
 
@@ -47,7 +49,9 @@ def config_from_peft(d: dict[str, Any]) -> Any:
         return AdaLoRAConfig.from_peft_dict(d)
     if peft_type in IN_PLACE:
         return IN_PLACE[peft_type]()
-    other = {c.peft_type: c for c in (AdapterConfig, PromptTuningConfig, PrefixTuningConfig)}
+    other = {
+        c.peft_type: c for c in (AdapterConfig, PromptTuningConfig, PrefixTuningConfig, QuantumPEFTConfig)
+    }
     if peft_type in other:
         return other[peft_type].from_peft_dict(d)
     supported = ", ".join(["LORA", "ADALORA", *other, *IN_PLACE])
@@ -72,6 +76,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAPlusConfig",
     "QLoRAConfig",
+    "QuantumPEFTConfig",
     "config_from_peft",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
