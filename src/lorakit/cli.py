@@ -151,7 +151,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, _ = api_load(args.model)
     _load_as_trained(model, args.adapter)
     out = api.export_lora(model, args.out)
-    print(f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)")
+    print(
+        f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)"
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -249,3 +249,42 @@ def test_bad_configurations_are_refused() -> None:
         lk.QuantumPEFTConfig(layers=0)
     with pytest.raises(ValueError, match="nonpow2 must be one of"):
         lk.QuantumPEFTConfig(nonpow2="pad")
+
+
+def test_train_and_export_on_the_command_line(tmp_path, peft_logits) -> None:
+    from lorakit.cli import main
+    from lorakit.models import tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}"}) + "\n" for i in range(6)))
+    main(["train", "--model", str(folder), "--method", "quantum", "--rank", "4", "--circuit-layers", "1",
+          "--data", str(data), "--steps", "3", "--batch-size", "2", "--micro-batch-size", "2", "--skip-eval",
+          "--no-progress-bar", "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["circuit_layers"], saved["alpha"]) == (
+        4,
+        1,
+        1.0,
+    )  # alpha: Quantum-PEFT's default
+    main(
+        [
+            "export",
+            "--model",
+            str(folder),
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--out",
+            str(tmp_path / "lora"),
+        ]
+    )
+    trained = tiny_llama()
+    lk.load_adapter(trained, tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        ours = trained(input_ids=IDS).logits
+    assert not torch.allclose(ours, tiny_llama()(input_ids=IDS).logits)  # it trained
+    torch.testing.assert_close(peft_logits(tiny_llama, tmp_path / "lora", IDS), ours, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit, match="--use-rslora does not apply to --method quantum"):
+        main(["train", "--method", "quantum", "--use-rslora"])

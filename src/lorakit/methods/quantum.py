@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.context import Contributor, ForwardContext
 from ..core.contract import AdaptedLayer, Delta, Role
@@ -210,7 +211,8 @@ class QuantumDelta(Delta):
         self.lam = nn.Parameter(torch.zeros(self.rank, device=device))
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """(U, V) of this layer alone (merging, export); the same values the batched build gives."""
+        """(U, V) of this layer alone (merging, export); the same values the batched build gives,
+        in the angles' dtype (fp32: U^T U = I to about 1e-6)."""
         return build_factors([self], {})[id(self)]
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
@@ -241,6 +243,15 @@ class QuantumDelta(Delta):
         return tuple(getattr(self, a)._version for a in self.peft_keys if a != "lam") + (id(self),)
 
 
+# Circuits built in one batch: autograd keeps one (M, 2^q, K) tensor per gate while a batch's
+# backward runs (about 46 gates at q = 10, L = 2), so the batch bounds that transient memory.
+CIRCUITS_AT_ONCE = 32
+
+
+def _factor_rows(first: Tensor, ladder: Tensor, k: int, n: int, mode: str) -> Tensor:
+    return orthonormal_rows(circuit_columns(first, ladder, k), n, mode)
+
+
 def build_factors(deltas: list[QuantumDelta], cache: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
     """(U, V) for every delta: one batched circuit per (q, K, L) group of factors. Without gradients
     the result is kept in `cache` until an angle changes."""
@@ -254,13 +265,18 @@ def build_factors(deltas: list[QuantumDelta], cache: dict[str, Any]) -> dict[int
             ladder = getattr(d, f"theta_{side}_ladder")  # (L, q-1, 2)
             groups.setdefault((ladder.shape[0], ladder.shape[1] + 1, d.rank, n), []).append((d, side))
     built: dict[tuple[int, str], Tensor] = {}
-    for (_, _, k, n), members in groups.items():
-        first = torch.stack([getattr(d, f"theta_{s}_first") for d, s in members])  # (M, q)
-        ladder = torch.stack([getattr(d, f"theta_{s}_ladder") for d, s in members])  # (M, L, q-1, 2)
-        columns = circuit_columns(first.double(), ladder.double(), k)  # fp64: rounding-free factors
-        rows = orthonormal_rows(columns, n, members[0][0].mode)  # (M, n, K)
-        for i, (d, s) in enumerate(members):
-            built[(id(d), s)] = rows[i].to(d.lam.dtype)
+    for (_, _, k, n), group in groups.items():
+        for at in range(0, len(group), CIRCUITS_AT_ONCE):
+            members = group[at : at + CIRCUITS_AT_ONCE]
+            first = torch.stack([getattr(d, f"theta_{s}_first") for d, s in members])  # (M, q)
+            ladder = torch.stack([getattr(d, f"theta_{s}_ladder") for d, s in members])  # (M, L, q-1, 2)
+            mode = members[0][0].mode
+            if grad:  # keep only the angles for backward; the gates are recomputed there
+                rows = checkpoint(_factor_rows, first, ladder, k, n, mode, use_reentrant=False)
+            else:
+                rows = _factor_rows(first, ladder, k, n, mode)  # (M, n, K)
+            for i, (d, s) in enumerate(members):
+                built[(id(d), s)] = rows[i]
     factors = {id(d): (built[(id(d), "u")], built[(id(d), "v")]) for d in deltas}
     if not grad:
         cache.update(key=key, factors=factors)
