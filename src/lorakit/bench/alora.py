@@ -17,7 +17,8 @@ every arm sees the same conversation. Arms (later-methods.md section 1.6):
 Every arm has the same random non-zero adapter weights; latency does not depend on training.
 Per turn: time to the first adapter token (the prefill of the adapter call, plus for
 lora_own_cache the turn's own tokens), total adapter latency, tokens the adapter call prefilled,
-and the KV bytes held. The alora arm's tokens are checked against aLoRA without any cache (full
+and the KV bytes held (the conversation's base cache, which the base model's own turns need in
+every arm, plus the adapter's own caches). The alora arm's tokens are checked against aLoRA without any cache (full
 forwards) at a few turns. One process runs the arms one after the other, fp32, `threads` threads.
 """
 
@@ -77,6 +78,14 @@ def _kv_bytes(cache: Any) -> int:
     return sum(2 * k.numel() * k.element_size() for k in keys if isinstance(k, torch.Tensor))
 
 
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """2 (keys, values) x layers x kv heads x head dim x bytes."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
 class Arm:
     """One way to serve the adapter call of each turn."""
 
@@ -111,6 +120,7 @@ def run_arm(
     base_cache = DynamicCache(config=model.config)
     own_cache = DynamicCache(config=model.config)
     records = []
+    per_token = kv_bytes_per_token(model)
     with torch.inference_mode():
         warm = DynamicCache(config=model.config)  # untimed: first-call allocations and dispatch
         a.greedy(
@@ -144,11 +154,12 @@ def run_arm(
             with _base(model, arm) if arm == "base" else contextlib.nullcontext():
                 tokens = a.greedy(logits, cache, **extra)
             record["total_s"] = time.perf_counter() - start
-            record["kv_bytes"] = (
-                _kv_bytes(base_cache)
-                + _kv_bytes(own_cache)
-                + (_kv_bytes(cache) if arm == "lora_reprefill" else 0)
-            )
+            # what the deployment holds at the end of the adapter call: the conversation's base
+            # cache (the base model's own turns need it in every arm; the LoRA arms do not fill
+            # theirs here, so it is counted from its size per token) plus the adapter's own caches
+            base_held = per_token * len(a.history) if arm.startswith("lora") else _kv_bytes(base_cache)
+            own = _kv_bytes(own_cache) + (_kv_bytes(cache) if arm == "lora_reprefill" else 0)
+            record["kv_bytes"] = base_held + own
             record["tokens"] = tokens
             if arm != "lora_reprefill":
                 cache.crop(length - cache.get_seq_length())
