@@ -25,3 +25,26 @@ def peft_logits() -> Callable[[Callable[[], torch.nn.Module], Path, torch.Tensor
         return loaded(ids).logits
 
     return load
+
+
+@pytest.fixture
+def checkpointing_grads() -> Callable[
+    [Callable[[], torch.nn.Module], torch.Tensor], list[list[torch.Tensor]]
+]:
+    """The trainable gradients of one chunked-loss step without and with activation checkpointing,
+    each on a fresh model from `make` (methods that read the per-forward context must match)."""
+    from lorakit.train.loss import chunked_causal_lm_loss
+    from lorakit.train.trainer import enable_activation_checkpointing
+
+    def run(make: Callable[[], torch.nn.Module], ids: torch.Tensor) -> list[list[torch.Tensor]]:
+        grads = []
+        for checkpointing in (False, True):
+            model = make().train()
+            if checkpointing:
+                enable_activation_checkpointing(model)
+            total, count = chunked_causal_lm_loss(model, ids, torch.ones_like(ids), ids.clone())
+            (total / count).backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        return grads
+
+    return run

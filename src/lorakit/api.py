@@ -11,7 +11,7 @@ from torch import nn
 
 from .core import model as core
 from .core import state
-from .methods import config_from_peft
+from .methods import LoRAConfig, config_from_peft
 
 
 def apply(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Module:
@@ -45,7 +45,9 @@ def load_adapter(
 
 def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write a fixed low-rank adapter (Quantum-PEFT) as a plain PEFT LoRA folder with the same change."""
-    return state.save_as_lora(model, out_dir, adapter_name)
+    return state.save_as_lora(
+        model, out_dir, lambda r: LoRAConfig(rank=r, alpha=r).to_peft_dict(), adapter_name
+    )
 
 
 def set_active(model: nn.Module, adapter_names: str | Sequence[str]) -> None:

@@ -272,18 +272,9 @@ def test_cached_generation_equals_generation_without_a_cache_and_beam_search_too
     assert beams.tolist() == beams_uncached.tolist()
 
 
-def test_gradient_checkpointing_recomputes_with_the_same_context() -> None:
-    from lorakit.train.trainer import enable_activation_checkpointing
-
-    grads = []
-    for checkpointing in (False, True):
-        model = _alora().train()
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        total, count = chunked_causal_lm_loss(model, IDS, torch.ones_like(IDS), IDS.clone())
-        (total / count).backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    for a, b in zip(*grads, strict=True):
+def test_gradient_checkpointing_recomputes_with_the_same_context(checkpointing_grads) -> None:
+    plain, checkpointed = checkpointing_grads(_alora, IDS)
+    for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 

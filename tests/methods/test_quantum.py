@@ -140,10 +140,10 @@ def test_5_the_layer_is_the_formula() -> None:
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_6_the_batched_build_equals_each_layer_alone_and_checkpointing_keeps_gradients() -> None:
+def test_6_the_batched_build_equals_each_layer_alone_and_checkpointing_keeps_gradients(
+    checkpointing_grads,
+) -> None:
     from lorakit.core.context import holder_of
-    from lorakit.train.loss import chunked_causal_lm_loss
-    from lorakit.train.trainer import enable_activation_checkpointing
 
     model = _trained()
     with torch.no_grad():
@@ -154,15 +154,8 @@ def test_6_the_batched_build_equals_each_layer_alone_and_checkpointing_keeps_gra
             delta = module.adapters["default"]
             for ours, alone in zip(built[id(delta)], delta.factors(), strict=True):
                 torch.testing.assert_close(ours, alone, rtol=0, atol=0)
-    grads = []
-    for checkpointing in (False, True):
-        model = _trained().train()
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        total, count = chunked_causal_lm_loss(model, IDS, torch.ones_like(IDS), IDS.clone())
-        (total / count).backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    for a, b in zip(*grads, strict=True):
+    plain, checkpointed = checkpointing_grads(_trained, IDS)
+    for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 

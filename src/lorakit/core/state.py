@@ -84,10 +84,16 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
     _write_folder(folder, adapter_tensors(model, name), peft_config, extra)
 
 
-def save_as_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_as_lora(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    lora_config: Callable[[int], dict[str, Any]],
+    adapter_name: str = "default",
+) -> Path:
     """Write adapter `adapter_name` as a plain PEFT LoRA folder, for deltas that are a fixed rank-r
     change and say how (`delta.as_lora() -> (A (r, in), B (out, r))`, the change being B @ A):
-    PEFT, vLLM and llama.cpp then serve it unchanged. lora_alpha = r, so PEFT's scale is 1."""
+    PEFT, vLLM and llama.cpp then serve it unchanged. `lora_config(r)` is the LoRA config dict
+    (lora_alpha = r, so PEFT's scale is 1); target_modules are filled in here."""
     deltas = list(adapter_deltas(model, adapter_name))
     if not deltas:
         raise KeyError(
@@ -108,25 +114,7 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str
         rank = a.shape[0]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "target_modules": _target_list(model, [p for p, _, _ in deltas]),
-        "exclude_modules": None,
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "use_dora": False,
-        "lora_bias": False,
-        "inference_mode": True,
-    }
+    config = {**lora_config(rank), "target_modules": _target_list(model, [p for p, _, _ in deltas])}
     out = Path(out_dir)
     atomic_folder(out, lambda tmp: _write_folder(tmp, tensors, config))
     return out
