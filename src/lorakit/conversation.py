@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from .core.kvcache import cache_argument, output_cache
 from .core.model import disable_adapters, registry, set_active
-from .generate import stop_ids
+from .generate import stop_ids, text_delta
 
 
 @dataclass
@@ -51,7 +51,6 @@ class Conversation:
         self._cache_name = cache_argument(model)
         self._device = next(model.parameters()).device
         self._stop = stop_ids(model, tokenizer)
-        self._pending: int | None = None  # the prompt's last token: the first one a generation runs
 
     # ---- the base history ---------------------------------------------------------------------
 
@@ -63,8 +62,8 @@ class Conversation:
     def respond(self, max_new_tokens: int = 256, on_text: Callable[[str], None] | None = None) -> Turn:
         """The base model answers the history; the answer becomes part of it."""
         target = self._render(generation_prompt=True)
-        prefilled = self._extend(target, keep_last=True)
-        text, generated = self._generate(max_new_tokens, on_text, adapter=None)
+        prefilled = self._extend(target[:-1]) + 1  # the last token starts the generation
+        text, generated = self._generate(max_new_tokens, on_text, None, target[-1])
         self.messages.append({"role": "assistant", "content": text})
         prefilled += self._extend(self._render())  # the answer's tokens as the template renders them
         return Turn(text, prefilled, generated, len(self.ids))
@@ -121,17 +120,13 @@ class Conversation:
             n += 1
         return n
 
-    def _extend(self, target: list[int], keep_last: bool = False) -> int:
-        """Make the cache hold `target` (all but its last token with `keep_last`: that one starts
-        the generation); base weights only. Returns the tokens run."""
+    def _extend(self, target: list[int]) -> int:
+        """Make the cache hold `target`, base weights only. Returns the tokens run."""
         common = self._common_prefix(target)
         self._crop(common)
-        todo = target[common : len(target) - 1] if keep_last else target[common:]
         with disable_adapters(self.model):
-            self._run(todo)
-        if keep_last:
-            self._pending = target[-1]
-        return len(todo) + (1 if keep_last else 0)
+            self._run(target[common:])
+        return len(target) - common
 
     def _run(self, ids: list[int]) -> torch.Tensor | None:
         if not ids:
@@ -153,24 +148,23 @@ class Conversation:
         max_new_tokens: int,
         on_text: Callable[[str], None] | None,
         adapter: str | None,
-        first: int | None = None,
+        first: int,
         min_new_tokens: int = 0,
     ) -> tuple[str, int]:
-        """Greedy decoding from the pending token; generated tokens leave the cache afterwards
-        (`respond` re-adds the answer as the template renders it)."""
+        """Greedy decoding from the prompt's last token `first`; generated tokens leave the cache
+        afterwards (`respond` re-adds the answer as the template renders it)."""
         start = len(self.ids)
-        token = self._pending if first is None else first
         reply: list[int] = []
         context = disable_adapters(self.model) if adapter is None else contextlib.nullcontext()
         try:
             with context:
                 shown = ""
-                for produced in _decode(self, token, max_new_tokens, min_new_tokens):
+                for produced in _decode(self, first, max_new_tokens, min_new_tokens):
                     reply.append(produced)
-                    decoded = self.tokenizer.decode(reply, skip_special_tokens=True)
-                    if on_text is not None and not decoded.endswith("\ufffd") and len(decoded) > len(shown):
-                        on_text(decoded[len(shown) :])  # whole characters only
-                        shown = decoded
+                    if on_text is not None:
+                        piece, shown = text_delta(self.tokenizer, reply, shown)
+                        if piece:
+                            on_text(piece)  # whole characters only
         finally:
             self._crop(start)
         return self.tokenizer.decode(reply, skip_special_tokens=True), len(reply)

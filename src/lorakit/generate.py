@@ -45,12 +45,18 @@ def stream_chat(
                 return
             reply.append(token)
             step = torch.tensor([[token]], device=device)
-            decoded = tokenizer.decode(reply, skip_special_tokens=True)
-            if decoded.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(decoded) > len(shown):
-                yield decoded[len(shown) :]
-            shown = decoded
+            piece, shown = text_delta(tokenizer, reply, shown)
+            if piece:
+                yield piece
+
+
+def text_delta(tokenizer: PreTrainedTokenizerBase, tokens: list[int], shown: str) -> tuple[str, str]:
+    """(the text `tokens` decode to beyond `shown`, the text shown after it). While the last
+    character is half of a multi-byte one, nothing new: wait for the rest."""
+    decoded = tokenizer.decode(tokens, skip_special_tokens=True)
+    if decoded.endswith("\ufffd"):
+        return "", shown
+    return (decoded[len(shown) :] if len(decoded) > len(shown) else ""), decoded
 
 
 def chat_repl(

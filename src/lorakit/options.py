@@ -165,7 +165,9 @@ class RunConfig:
     )
 
 
-# Run option -> the method-config fields that use it (any one of them); the others are generic.
+# Run option -> the method-config fields that use it (any one of them; the first gets its value);
+# the other run options are generic. `method_config` passes these on, `check_method_options`
+# refuses one the chosen method has no field for.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "rank": ("rank",),
     "alpha": ("alpha",),
@@ -201,35 +203,15 @@ def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
         raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
     config_cls = METHODS[cfg.method]
     names = {f.name for f in dataclasses.fields(config_cls)}
-    values = {
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "dropout": cfg.dropout,
-        "init": cfg.init,
-        "use_rslora": cfg.use_rslora,
-        "target_modules": _targets(cfg.target_modules),
-        "exclude_modules": _targets(cfg.exclude_modules),
-        "loraplus_ratio": cfg.loraplus_ratio or None,
-        "target_rank": cfg.target_rank or cfg.rank,
-        "init_rank": cfg.init_rank,
-        "t_init": cfg.t_init,
-        "t_final": cfg.t_final,
-        "delta_t": cfg.delta_t,
-        "orth_reg_weight": cfg.orth_reg_weight,
-        "beta1": cfg.adalora_beta1,
-        "beta2": cfg.adalora_beta2,
-        "size": cfg.adapter_size,
-        "placement": cfg.adapter_placement,
-        "num_virtual_tokens": cfg.virtual_tokens,
-        "init_from": "text" if cfg.prompt_init_text else None,
-        "init_text": cfg.prompt_init_text,
-        "tokenizer": tokenizer,
-        "projection_size": cfg.prefix_projection,
-        "quantize_embeddings": cfg.quantize_embeddings,
-        "invocation": cfg.invocation,
-        "layers": cfg.circuit_layers,
-        "nonpow2": cfg.nonpow2,
-    }
+    values = {fields[0]: getattr(cfg, option) for option, fields in METHOD_OPTIONS.items()}
+    values.update(  # the options that are not passed on as they are
+        target_modules=_targets(cfg.target_modules),
+        exclude_modules=_targets(cfg.exclude_modules),
+        loraplus_ratio=cfg.loraplus_ratio or None,  # 0 = off
+        target_rank=cfg.target_rank or cfg.rank,
+        init_from="text" if cfg.prompt_init_text else None,
+        tokenizer=tokenizer,
+    )
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 

@@ -159,10 +159,7 @@ def _note_on(cache: Any, name: str, past: int, on: bool) -> None:
     or a rollback below that point ends the run)."""
     if cache is None:
         return
-    record = getattr(cache, ON_FROM, None)
-    if record is None:
-        record = {}
-        setattr(cache, ON_FROM, record)
+    record = _cache_record(cache, ON_FROM)
     if not on or record.get(name, past) > past:
         record.pop(name, None)
     if on:
@@ -170,11 +167,16 @@ def _note_on(cache: Any, name: str, past: int, on: bool) -> None:
 
 
 def _hold_starts(cache: Any, name: str, starts: Tensor) -> None:
-    record = getattr(cache, STARTS_ON_CACHE, None)
+    _cache_record(cache, STARTS_ON_CACHE)[name] = starts
+
+
+def _cache_record(cache: Any, attribute: str) -> dict[str, Any]:
+    """A per-adapter record kept on the cache object (it lives and is cropped with the cache)."""
+    record = getattr(cache, attribute, None)
     if record is None:
         record = {}
-        setattr(cache, STARTS_ON_CACHE, record)
-    record[name] = starts
+        setattr(cache, attribute, record)
+    return record
 
 
 def last_occurrence(ids: Tensor, pattern: list[int]) -> Tensor:

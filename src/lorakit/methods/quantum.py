@@ -256,8 +256,8 @@ def build_factors(deltas: list[QuantumDelta], cache: dict[str, Any]) -> dict[int
     """(U, V) for every delta: one batched circuit per (q, K, L) group of factors. Without gradients
     the result is kept in `cache` until an angle changes."""
     grad = torch.is_grad_enabled() and any(d.theta_u_first.requires_grad for d in deltas)
-    key = tuple(v for d in deltas for v in d.angle_versions())
-    if not grad and cache.get("key") == key:
+    key = None if grad else tuple(v for d in deltas for v in d.angle_versions())
+    if key is not None and cache.get("key") == key:
         return cache["factors"]
     groups: dict[tuple[int, ...], list[tuple[QuantumDelta, str]]] = {}
     for d in deltas:
