@@ -62,6 +62,15 @@ def test_school_methods_get_their_options_and_default_lr() -> None:
     assert _parse(["train"])[1].lr == 1e-3  # LoRA keeps the trainer's default
 
 
+def test_run_seed_seeds_the_methods_own_generators() -> None:
+    """--seed reaches the init of methods with their own generator; the others have no seed field."""
+    for method in ("quantum", "prompt", "prefix"):
+        run, train = _parse(["train", "--method", method, "--seed", "3"])
+        assert method_config(run, seed=train.seed).seed == 3
+    run, train = _parse(["train", "--seed", "3"])
+    assert method_config(run, seed=train.seed) == method_config(run)
+
+
 def test_merge_of_an_unmergeable_adapter_is_a_clean_error(tmp_path) -> None:
     from lorakit.models import tiny_llama
 

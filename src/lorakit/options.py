@@ -197,8 +197,10 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
-    """The method's config object, built from the run options it understands."""
+def method_config(cfg: RunConfig, tokenizer: Any = None, seed: int | None = None) -> Any:
+    """The method's config object, built from the run options it understands; `seed` (the run's
+    --seed) seeds the random init of methods that keep their own generator (prompt, prefix and
+    Quantum-PEFT; the others draw from torch's global one, which the run seeds too)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
     config_cls = METHODS[cfg.method]
@@ -211,6 +213,7 @@ def method_config(cfg: RunConfig, tokenizer: Any = None) -> Any:
         target_rank=cfg.target_rank or cfg.rank,
         init_from="text" if cfg.prompt_init_text else None,
         tokenizer=tokenizer,
+        seed=seed,
     )
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 

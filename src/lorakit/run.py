@@ -57,7 +57,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     started = time.perf_counter()
     conversations = read_data(cfg, train_cfg.seed, say)
     tokenizer = load_tokenizer(cfg.model)
-    method = method_config(cfg, tokenizer)
+    method = method_config(cfg, tokenizer, train_cfg.seed)
     train, data = build_data(cfg, tokenizer, conversations)
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"

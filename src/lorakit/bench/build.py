@@ -91,7 +91,8 @@ def bnb_weight_memory(model: nn.Module, reference_bytes: int = 2) -> dict[str, f
     return weight_report(linear_actual, linear_reference, linear_params, packed, other, other)
 
 
-# the other schools at their CLI defaults (lorakit train --method adapter|prompt|prefix)
+# the other schools at their CLI defaults (lorakit train --method adapter|prompt|prefix), and the
+# adapters measured against LoRA r=16 in docs/methods/quantum.md
 SCHOOLS = {
     "adapter_houlsby": lambda: lk.AdapterConfig(placement="houlsby"),
     "adapter_pfeiffer": lambda: lk.AdapterConfig(placement="pfeiffer"),
@@ -99,6 +100,11 @@ SCHOOLS = {
     "prefix": lambda: lk.PrefixTuningConfig(),
     "norm": lambda: lk.NormTuningConfig(),
     "full": lambda: lk.FullFinetuneConfig(),
+    # issue 19: Quantum-PEFT at `lorakit train --method quantum`'s alpha (1) and LoRA's smallest rank
+    "quantum_k8_l2": lambda: lk.QuantumPEFTConfig(rank=8, layers=2),
+    "quantum_k16_l2": lambda: lk.QuantumPEFTConfig(rank=16, layers=2),
+    "quantum_k8_l4": lambda: lk.QuantumPEFTConfig(rank=8, layers=4),
+    "lora_r1": lambda: lk.LoRAConfig(rank=1, alpha=2, target_modules="all-linear"),
 }
 
 

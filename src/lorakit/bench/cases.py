@@ -14,6 +14,7 @@ Library = Literal["none", "lorakit", "peft", "bitsandbytes"]
 Adapter = Literal["none", "unmerged", "merged", "merged_unloaded"]
 
 SUITES = ("infer", "train", "quant")
+QUANTUM_METHODS = ("quantum_k8_l2", "quantum_k16_l2", "quantum_k8_l4", "lora_r1")  # see build.SCHOOLS
 RANK, ALPHA = 16, 32
 FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
 NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
@@ -65,6 +66,11 @@ CASES: tuple[Case, ...] = (
     *(
         Case(f"{method}_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method=method, extra=True)
         for method in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")
+    ),
+    # Quantum-PEFT at three (K, L) and LoRA r=1 (issue 19): `--cases` with QUANTUM_TRAIN_CASES
+    *(
+        Case(f"{method}_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method=method, extra=True)
+        for method in QUANTUM_METHODS
     ),
     # the other schools (issue 7), batch 1 and 8: `--cases` with SCHOOL_CASES, see docs/methods/schools.md
     *(
@@ -183,6 +189,7 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
             (f"{m}_bf16", "lora_bf16")
             for m in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")
         ),
+        *((f"{m}_bf16", "lora_bf16") for m in QUANTUM_METHODS),
         ("qlora_emb_bf16", "qlora_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
@@ -242,6 +249,8 @@ SCHOOL_TRAIN_CASES = (
     "norm_bf16",
     "full_bf16",
 )
+
+QUANTUM_TRAIN_CASES = ("lora_bf16", *(f"{m}_bf16" for m in QUANTUM_METHODS))
 
 
 def find_case(name: str) -> Case:

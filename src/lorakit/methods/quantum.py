@@ -56,36 +56,40 @@ def _ry(theta: Tensor) -> Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
-def _rotate(x: Tensor, gates: Tensor, axis: int) -> Tensor:
-    """Apply one 2x2 gate per batch row along qubit `axis` of x (M, 2, ..., 2, K)."""
-    moved = x.movedim(axis + 1, -1)  # (M, ..., K, 2)
-    shape = moved.shape
-    out = torch.einsum("mij,mrj->mri", gates, moved.reshape(shape[0], -1, 2))
-    return out.reshape(shape).movedim(-1, axis + 1)
+def _product_columns(first: Tensor, k: int) -> Tensor:
+    """The first layer (RY on every qubit) applied to the first k basis vectors, in closed form:
+    column j is the Kronecker product over qubits i of RY(first[:, i])'s column bit_i(j) (qubit 0 is
+    the most significant bit). (M, q) -> (M, 2^q, k)."""
+    m, q = first.shape
+    rot = _ry(first)  # (M, q, 2, 2)
+    j = torch.arange(k, device=first.device)
+    out = rot[:, 0][:, :, (j >> (q - 1)) & 1]  # (M, 2, k)
+    for i in range(1, q):
+        column = rot[:, i][:, :, (j >> (q - 1 - i)) & 1]  # (M, 2, k)
+        out = (out[:, :, None, :] * column[:, None, :, :]).reshape(m, -1, k)
+    return out
 
 
-def _cz_sign(q: int, p: int, device: Any, dtype: torch.dtype) -> Tensor:
-    """The CZ on qubits (p, p+1) as a sign tensor broadcastable to (M, 2, ..., 2, 1)."""
-    sign = torch.ones([2] * q, device=device, dtype=dtype)
-    index = [slice(None)] * q
-    index[p], index[p + 1] = 1, 1
-    sign[tuple(index)] = -1
-    return sign[None, ..., None]
+def _pair_gates(ladder: Tensor) -> Tensor:
+    """(..., 2) angle pairs -> (..., 4, 4): CZ on a neighbouring pair, then RY on each of the two,
+    as one gate (RY(a) kron RY(b)) diag(1, 1, 1, -1)."""
+    a, b = _ry(ladder[..., 0]), _ry(ladder[..., 1])
+    gate = (a[..., :, None, :, None] * b[..., None, :, None, :]).reshape(*a.shape[:-2], 4, 4)
+    return gate * torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=gate.dtype, device=gate.device)
 
 
 def circuit_columns(first: Tensor, ladder: Tensor, k: int) -> Tensor:
-    """The first k columns of M circuits at once: first (M, q), ladder (M, L, q-1, 2) -> (M, 2^q, k)."""
+    """The first k columns of M circuits at once: first (M, q), ladder (M, L, q-1, 2) -> (M, 2^q, k).
+    The first layer is a product state (closed form); each CZ with its two RYs is one 4x4 gate on
+    two neighbouring axes, so a circuit is L (q-1) passes over the (M, 2^q, k) state."""
     m, q = first.shape
-    x = torch.eye(2**q, k, dtype=first.dtype, device=first.device).expand(m, -1, -1)
-    x = x.reshape(m, *([2] * q), k)
-    for i in range(q):
-        x = _rotate(x, _ry(first[:, i]), i)
+    x = _product_columns(first, k)
+    gates = _pair_gates(ladder)  # (M, L, q-1, 4, 4)
     for layer in range(ladder.shape[1]):
-        for p in range(q - 1):
-            x = x * _cz_sign(q, p, x.device, x.dtype)
-            x = _rotate(x, _ry(ladder[:, layer, p, 0]), p)
-            x = _rotate(x, _ry(ladder[:, layer, p, 1]), p + 1)
-    return x.reshape(m, 2**q, k)
+        for p in range(q - 1):  # qubits p, p+1: the state as (M, 2^p, 4, rest)
+            pair = x.reshape(m, 2**p, 4, -1)
+            x = torch.einsum("mij,majb->maib", gates[:, layer, p], pair).reshape(m, 2**q, k)
+    return x
 
 
 def orthonormal_rows(columns: Tensor, n: int, mode: str) -> Tensor:

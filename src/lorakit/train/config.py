@@ -63,7 +63,9 @@ class TrainConfig:
     max_grad_norm: float = field(
         default=1.0, metadata=_help("clip the global gradient norm to this; 0 disables clipping")
     )
-    seed: int = field(default=0, metadata=_help("seed of the data order and of dropout"))
+    seed: int = field(
+        default=0, metadata=_help("seed of the data order, dropout and the adapter's random init")
+    )
     precision: Precision = field(
         default="auto",
         metadata=_help("auto (bf16 autocast where the device has fast bf16), bf16 or fp32"),
