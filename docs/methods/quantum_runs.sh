@@ -14,6 +14,8 @@ mkdir -p "$out"
 lscpu | grep -E "Model name|Flags" > "$out/cpu.txt"
 run() {  # name, then lorakit train options; peak RSS of the whole run from /usr/bin/time
   local name=$1; shift
+  if [ -f "$out/$name/metrics.json" ]; then echo "$name: done before, kept"; return; fi
+  rm -rf "${out:?}/$name"  # an interrupted run of this script: start it again
   /usr/bin/time -v .venv/bin/lorakit train --no-progress-bar --output-dir "$out/$name" "$@" \
     > "$out/$name.log" 2> "$out/$name.time"
   grep -E "held-out exact|answer NLL|perplexity|KL from" "$out/$name.log" | sed "s/^/$name: /" || true

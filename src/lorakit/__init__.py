@@ -23,6 +23,7 @@ from .api import (
     unload,
     unmerge,
 )
+from .combine import merge_adapters
 from .core.contract import AdaptedLayer, Delta, ModelAdapter, NotMergeableError, Role, TrainingHooks
 from .core.state import AdapterLoadError
 from .methods import (
@@ -72,6 +73,7 @@ __all__ = [
     "QLoRAConfig",
     "QuantumPEFTConfig",
     "export_lora",
+    "merge_adapters",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
     "AdaptedLayer",

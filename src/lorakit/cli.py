@@ -156,6 +156,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_merge_adapters(args: argparse.Namespace) -> None:
+    from .combine import merge_adapters
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--weights takes numbers separated by commas, got {args.weights!r}") from None
+    report = merge_adapters(
+        args.adapters,
+        args.out,
+        weights,
+        args.combination,
+        args.rank,
+        args.density,
+        args.majority_sign,
+        args.seed,
+    )
+    exact = (
+        "exact"
+        if report.max_residual == 0
+        else f"the rank cut leaves at most {report.max_residual:.1%} of a module's change"
+    )
+    print(
+        f"wrote a PEFT LoRA folder to {report.out}: {report.combination} of {len(args.adapters)} adapters, "
+        f"weights {', '.join(f'{w:g}' for w in report.weights)}, rank {report.rank}, "
+        f"{len(report.residual)} modules ({exact})"
+    )
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from . import api
     from .conversation import conversation_repl
@@ -271,6 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
+
+    from .combine import COMBINATIONS, MAJORITY_SIGN
+
+    p = command(
+        "merge-adapters",
+        cmd_merge_adapters,
+        "combine trained LoRA adapters into one PEFT LoRA folder (linear, svd, ties, dare)",
+    )
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="LoRA adapter folders (lorakit or PEFT)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--weights", default=None, help="one per adapter, comma-separated (default: 1 each)")
+    p.add_argument("--combination", choices=COMBINATIONS, default="linear")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="output rank (default: the inputs' ranks added: exact for linear/svd)",
+    )
+    p.add_argument("--density", type=float, default=1.0, help="ties/dare: share of each change kept")
+    p.add_argument(
+        "--majority-sign", choices=MAJORITY_SIGN, default="total", help="ties: how signs are elected"
+    )
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop pattern")
 
     p = command("chat", cmd_chat, "chat with the model (and an adapter), streaming tokens")
     p.add_argument("--adapter", default=None)

@@ -71,7 +71,7 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
         tensors = {
             k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()
         }
-        _write_folder(folder, tensors, adapter.to_peft_dict())
+        write_adapter_folder(folder, tensors, adapter.to_peft_dict())
         return
     deltas = list(adapter_deltas(model, name))
     peft_config = config.to_peft_dict()
@@ -81,7 +81,7 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
         peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
     make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
     extra = make_extra() if callable(make_extra) else {}
-    _write_folder(folder, adapter_tensors(model, name), peft_config, extra)
+    write_adapter_folder(folder, adapter_tensors(model, name), peft_config, extra)
 
 
 def save_as_lora(
@@ -116,7 +116,7 @@ def save_as_lora(
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
     config = {**lora_config(rank), "target_modules": _target_list(model, [p for p, _, _ in deltas])}
     out = Path(out_dir)
-    atomic_folder(out, lambda tmp: _write_folder(tmp, tensors, config))
+    atomic_folder(out, lambda tmp: write_adapter_folder(tmp, tensors, config))
     return out
 
 
@@ -126,7 +126,7 @@ def _stores_in_out(layer: Any) -> bool:
     return original_in_out or (layer.weight_layout == "in_out" and not layer.is_embedding)
 
 
-def _write_folder(
+def write_adapter_folder(
     folder: Path, tensors: dict[str, Tensor], peft_config: dict[str, Any], extra: dict[str, str] | None = None
 ) -> None:
     """Plain writes: the whole tree is swapped into place by `atomic_folder` once complete."""
