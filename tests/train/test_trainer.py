@@ -146,6 +146,70 @@ def test_extra_losses_are_added_to_the_loss_and_logged(tiny, make_config, tmp_pa
     assert record["loss"] == pytest.approx(record["task_loss"] + record["l2"])
 
 
+class ActivationPenalty:
+    """A per-micro-batch term c * mean(h^2) of layer 0's MLP output h, recorded by a forward hook:
+    it depends on the forward's graph, so it must be added before that micro-batch's backward."""
+
+    def __init__(self, model: torch.nn.Module, c: float) -> None:
+        self.c, self.seen = c, None
+        model.model.layers[0].mlp.register_forward_hook(self._record)
+
+    def _record(self, module, args, output) -> None:
+        self.seen = output.pow(2).mean()
+
+    def micro_batch_losses(self, model):
+        seen, self.seen = self.seen, None
+        return {"act": self.c * seen}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_micro_batch_losses_are_weighted_like_the_task_loss_and_logged(
+    tiny, make_config, tmp_path, checkpointing
+) -> None:
+    from lorakit.train.loss import chunked_causal_lm_loss
+
+    samples, c = tiny.samples(6, seed=5), 0.7
+    model = tiny.llama()
+    catcher, penalty = GradCatcher(), ActivationPenalty(model, c)
+    config = make_config(
+        steps=1, batch_size=6, micro_batch_size=1, max_grad_norm=0.0, gradient_checkpointing=checkpointing
+    )
+    result = Trainer(model, samples, config, hooks=[penalty, catcher]).train()
+
+    reference = tiny.llama()  # by hand: sum_i loss_i / N + sum_i (n_i / N) c mean(h_i^2)
+    recorded = ActivationPenalty(reference, c)
+    total_tokens = sum(loss_token_count(torch.tensor([s["labels"]])) for s in samples)
+    task, act, objective = 0.0, 0.0, 0.0
+    for sample in samples:
+        ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor([sample["labels"]])
+        loss_sum, count = chunked_causal_lm_loss(reference, ids, torch.ones_like(ids), labels)
+        share = count / total_tokens
+        term = recorded.micro_batch_losses(reference)["act"]
+        objective = objective + loss_sum / total_tokens + share * term
+        task, act = task + float(loss_sum.detach()) / total_tokens, act + share * float(term.detach())
+    objective.backward()
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(catcher.grads[name], param.grad, rtol=1e-5, atol=1e-6)
+    record = json.loads(result.log_path.read_text().splitlines()[0])
+    assert record["act"] == pytest.approx(act, rel=1e-5) and record["task_loss"] == pytest.approx(
+        task, rel=1e-5
+    )
+    assert record["loss"] == pytest.approx(task + act, rel=1e-5)
+
+
+class Clash:
+    def micro_batch_losses(self, model):
+        return {"x": torch.zeros(())}
+
+    def extra_losses(self, model):
+        return {"x": torch.zeros(())}
+
+
+def test_a_loss_name_used_twice_is_refused(tiny, make_config) -> None:
+    with pytest.raises(ValueError, match="'x' from Clash is already used"):
+        Trainer(tiny.llama(), tiny.samples(4), make_config(steps=1), hooks=[Clash()]).train()
+
+
 def test_bf16_autocast_on_cpu_keeps_fp32_master_weights(tiny, make_config) -> None:
     model = tiny.llama()
     tiny.freeze_all_but(model, "q_proj", "v_proj")

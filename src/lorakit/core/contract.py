@@ -287,7 +287,16 @@ class TrainingHooks:
     def on_step_start(self, model: nn.Module, step: int) -> None:
         pass
 
+    def micro_batch_losses(self, model: nn.Module) -> dict[str, Tensor]:
+        """Terms of what the micro-batch's forward just computed (a router's balance, a gate's
+        entropy), called after each forward and before its backward, so their graphs are alive.
+        Each is a mean over the micro-batch; the trainer weights it by the micro-batch's share of
+        the step's loss tokens, as the task loss, and logs the step's sum under the term's name."""
+        return {}
+
     def extra_losses(self, model: nn.Module) -> dict[str, Tensor]:
+        """Terms of the parameters alone (AdaLoRA's orthogonality), once per optimizer step after
+        the micro-batches' backward."""
         return {}
 
     def on_after_backward(self, model: nn.Module, step: int) -> None:

@@ -170,8 +170,8 @@ class Trainer:
 
     def _optimizer_step(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> dict:
         self._call("on_step_start", step)
-        task_loss = self._accumulate(batches, loss_tokens, step)
-        extras = self._extra_losses()
+        task_loss, per_batch = self._accumulate(batches, loss_tokens, step)
+        extras = self._extra_losses(set(per_batch))
         self._call("on_after_backward", step)
         grad_norm = self._clip(step)
         lr = self.scheduler.get_last_lr()[0]
@@ -181,18 +181,23 @@ class Trainer:
         self._call("on_step_end", step, self.config.steps)
         return {
             "step": step + 1,
-            "loss": task_loss + sum(extras.values()),
+            "loss": task_loss + sum(per_batch.values()) + sum(extras.values()),
             "task_loss": task_loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
             "loss_tokens": loss_tokens,
+            **per_batch,
             **extras,
         }
 
-    def _accumulate(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> float:
-        """Backpropagate every micro-batch's share of the token-mean loss; return that mean."""
+    def _accumulate(
+        self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int
+    ) -> tuple[float, dict[str, float]]:
+        """Backpropagate every micro-batch's share of the token-mean loss, with the hooks'
+        per-micro-batch terms weighted by the same share; return that mean and each term's."""
         total = 0.0
+        terms: dict[str, float] = {}
         for batch in batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
@@ -204,28 +209,40 @@ class Trainer:
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
                 )
+            extra = self._hook_terms("micro_batch_losses", set())  # read what this forward recorded
             if count == 0:
                 continue  # no loss token in this micro-batch: nothing to backpropagate
             self._head_checked = True
             value = float(loss_sum.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(self._diverged("the loss", value, step))
-            (loss_sum / loss_tokens).backward()
+            share = count / loss_tokens
+            loss = loss_sum / loss_tokens + share * sum(extra.values())
+            loss.backward()
             total += value
-        return total / loss_tokens
+            for name, term in extra.items():
+                terms[name] = terms.get(name, 0.0) + share * float(term.detach())
+        return total / loss_tokens, terms
 
-    def _extra_losses(self) -> dict[str, float]:
-        """Add the hooks' regularisers once per optimizer step (not once per micro-batch)."""
+    def _hook_terms(self, method: str, taken: set[str]) -> dict[str, Tensor]:
+        """Every hook's `method(model)` terms by name; a name used twice, or one of the log's own
+        fields, is refused."""
         terms: dict[str, Tensor] = {}
         for hook in self.hooks:
-            fn = getattr(hook, "extra_losses", None)
+            fn = getattr(hook, method, None)
             for name, value in (fn(self.model) if fn else {}).items():
-                if name in terms or name in _RESERVED:
+                if name in terms or name in taken or name in _RESERVED:
                     raise ValueError(
                         f"extra loss name {name!r} from {type(hook).__name__} is already used; "
                         f"names must be unique and not one of {sorted(_RESERVED)}"
                     )
                 terms[name] = value
+        return terms
+
+    def _extra_losses(self, taken: set[str]) -> dict[str, float]:
+        """Add the hooks' regularisers of the parameters once per optimizer step (not once per
+        micro-batch); `taken`: the per-micro-batch terms' names."""
+        terms = self._hook_terms("extra_losses", taken)
         total = sum(terms.values())
         if isinstance(total, Tensor) and total.requires_grad:
             total.backward()
