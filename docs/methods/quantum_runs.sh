@@ -34,15 +34,15 @@ sweep)  # Quantum-PEFT (K=8, L=2): 40 steps, held-out answer NLL at the end
   ;;
 main)  # the default task, steps and data; LoRA r=16 is the default run (docs/methods/alora_runs.sh)
   lr=$1
-  run quantum-k8-l2 --method quantum --rank 8 --circuit-layers 2 --lr "$lr"
-  run quantum-k16-l2 --method quantum --rank 16 --circuit-layers 2 --lr "$lr"
-  run quantum-k8-l4 --method quantum --rank 8 --circuit-layers 4 --lr "$lr"
+  run "quantum-k8-l2-lr$lr" --method quantum --rank 8 --circuit-layers 2 --lr "$lr"
+  run "quantum-k16-l2-lr$lr" --method quantum --rank 16 --circuit-layers 2 --lr "$lr"
+  run "quantum-k8-l4-lr$lr" --method quantum --rank 8 --circuit-layers 4 --lr "$lr"
   run lora-r1 --method lora --rank 1 --alpha 2
   ;;
 seeds)  # --seed sets the data order and each adapter's init
   lr=$1
   for seed in 1 2; do
-    run "quantum-k8-l2-seed$seed" --method quantum --rank 8 --circuit-layers 2 --lr "$lr" --seed "$seed"
+    run "quantum-k8-l2-lr$lr-seed$seed" --method quantum --rank 8 --circuit-layers 2 --lr "$lr" --seed "$seed"
     run "lora-r1-seed$seed" --method lora --rank 1 --alpha 2 --seed "$seed"
   done
   ;;

@@ -43,6 +43,7 @@ from .methods import (
     loraplus_lr_ratios,
     loraplus_optimizer,
 )
+from .methods.mopeft import MoPEFTConfig
 from .methods.qlora import QLoRAConfig
 from .methods.quantum import QuantumPEFTConfig
 
@@ -72,6 +73,7 @@ __all__ = [
     "LoRAPlusConfig",
     "QLoRAConfig",
     "QuantumPEFTConfig",
+    "MoPEFTConfig",
     "export_lora",
     "merge_adapters",
     "loraplus_lr_ratios",

@@ -159,6 +159,20 @@ class RunConfig:
         default="qr",
         metadata=_help("Quantum-PEFT: dimensions that are not powers of two: qr (orthonormal) or truncate"),
     )
+    experts: str = field(
+        default="lora,adapter",
+        metadata=_help(
+            "mopeft: the methods mixed in every layer, from lora, dora, adapter (comma-separated)"
+        ),
+    )
+    gate: str = field(
+        default="sigmoid",
+        metadata=_help("mopeft: sigmoid (independent gates), softmax (with a null expert) or topk"),
+    )
+    top_k: int = field(default=1, metadata=_help("mopeft with --gate topk: slots kept per token"))
+    balance_weight: float = field(
+        default=0.01, metadata=_help("mopeft with softmax/topk gates: weight of the balancing loss")
+    )
     quantize_embeddings: bool = field(
         default=False,
         metadata=_help("qlora: also store the embedding table (and the output head, tied or not) in NF4"),
@@ -194,6 +208,10 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "invocation": ("invocation",),
     "circuit_layers": ("layers",),
     "nonpow2": ("nonpow2",),
+    "experts": ("experts",),
+    "gate": ("gate",),
+    "top_k": ("top_k",),
+    "balance_weight": ("balance_weight",),
 }
 
 

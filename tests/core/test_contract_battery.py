@@ -125,6 +125,21 @@ CASES = [
         lambda: lk.ALoRAConfig(rank=4, alpha=6, invocation_tokens=[199]),
         mergeable=False,
     ),
+    Case(
+        "mopeft-lora-adapter-llama-bias",
+        lambda: tiny_llama(bias=True),
+        lambda: lk.MoPEFTConfig(experts="lora,adapter", rank=4, alpha=6, size=5, activation="tanh"),
+        mergeable=False,
+    ),
+    # dense gates: top-k leaves an expert no token may get, so no gradient (tests/methods/test_mopeft.py)
+    Case(
+        "mopeft-dora-softmax-gpt2",
+        tiny_gpt2,
+        lambda: lk.MoPEFTConfig(
+            experts="dora,adapter", gate="softmax", rank=3, alpha=3, size=4, activation="gelu"
+        ),
+        mergeable=False,
+    ),
     # QLoRA's base is the 4-bit model (so the model is quantized before the battery's "base" is
     # taken); merging swaps in full precision and unmerge restores the 4-bit layer exactly.
     Case(

@@ -114,7 +114,11 @@ def _check_name(model: nn.Module, name: str) -> None:
 def inject(model: nn.Module, config: LayerMethodConfig, adapter_name: str) -> list[str]:
     """Wrap the config's target modules and give each a delta named `adapter_name`."""
     check_new_name(model, adapter_name)
-    paths = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
+    select = getattr(config, "select_targets", None)  # a config whose parts target different layers
+    if callable(select):
+        paths = select(model)
+    else:
+        paths = find_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     registry(model).configs[adapter_name] = config
     try:
         for path in paths:

@@ -13,6 +13,7 @@ from .dora import DoRAConfig
 from .inplace import IN_PLACE, BitFitConfig, FullFinetuneConfig, NormTuningConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
+from .mopeft import MoPEFTConfig
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .qlora import QLoRAConfig
@@ -33,6 +34,7 @@ METHODS: dict[str, type] = {
     "norm": NormTuningConfig,
     "full": FullFinetuneConfig,
     "quantum": QuantumPEFTConfig,
+    "mopeft": MoPEFTConfig,
 }
 
 
@@ -50,7 +52,8 @@ def config_from_peft(d: dict[str, Any]) -> Any:
     if peft_type in IN_PLACE:
         return IN_PLACE[peft_type]()
     other = {
-        c.peft_type: c for c in (AdapterConfig, PromptTuningConfig, PrefixTuningConfig, QuantumPEFTConfig)
+        c.peft_type: c
+        for c in (AdapterConfig, PromptTuningConfig, PrefixTuningConfig, QuantumPEFTConfig, MoPEFTConfig)
     }
     if peft_type in other:
         return other[peft_type].from_peft_dict(d)
@@ -77,6 +80,7 @@ __all__ = [
     "LoRAPlusConfig",
     "QLoRAConfig",
     "QuantumPEFTConfig",
+    "MoPEFTConfig",
     "config_from_peft",
     "loraplus_lr_ratios",
     "loraplus_optimizer",
