@@ -4,6 +4,7 @@
 #   docs/methods/quantum_runs.sh bench                 # step time and peak memory (~15 min)
 #   docs/methods/quantum_runs.sh sweep 5e-3 3e-2       # 40-step learning-rate sweep (~5 min a rate)
 #   docs/methods/quantum_runs.sh main 3e-2             # full runs at the chosen rate (~15 min each)
+#   docs/methods/quantum_runs.sh single 3e-1           # K=8 L=2 alone at another rate
 #   docs/methods/quantum_runs.sh seeds 3e-2            # seeds 1 and 2 of K=8 L=2 and LoRA r=1
 set -euo pipefail
 export OMP_WAIT_POLICY=ACTIVE
@@ -35,9 +36,13 @@ sweep)  # Quantum-PEFT (K=8, L=2): 40 steps, held-out answer NLL at the end
 main)  # the default task, steps and data; LoRA r=16 is the default run (docs/methods/alora_runs.sh)
   lr=$1
   run "quantum-k8-l2-lr$lr" --method quantum --rank 8 --circuit-layers 2 --lr "$lr"
+  run lora-r1 --method lora --rank 1 --alpha 2
   run "quantum-k16-l2-lr$lr" --method quantum --rank 16 --circuit-layers 2 --lr "$lr"
   run "quantum-k8-l4-lr$lr" --method quantum --rank 8 --circuit-layers 4 --lr "$lr"
-  run lora-r1 --method lora --rank 1 --alpha 2
+  ;;
+single)  # K=8, L=2 alone at another rate
+  lr=$1
+  run "quantum-k8-l2-lr$lr" --method quantum --rank 8 --circuit-layers 2 --lr "$lr"
   ;;
 seeds)  # --seed sets the data order and each adapter's init
   lr=$1
@@ -46,5 +51,5 @@ seeds)  # --seed sets the data order and each adapter's init
     run "lora-r1-seed$seed" --method lora --rank 1 --alpha 2 --seed "$seed"
   done
   ;;
-*) echo "usage: $0 bench | sweep LR... | main LR | seeds LR" >&2; exit 2 ;;
+*) echo "usage: $0 bench | sweep LR... | main LR | single LR | seeds LR" >&2; exit 2 ;;
 esac

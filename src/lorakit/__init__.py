@@ -22,6 +22,7 @@ from .api import (
     training_hooks,
     unload,
     unmerge,
+    weighted_adapters,
 )
 from .combine import merge_adapters
 from .core.contract import AdaptedLayer, Delta, ModelAdapter, NotMergeableError, Role, TrainingHooks
@@ -90,6 +91,7 @@ __all__ = [
     "apply",
     "delete_adapter",
     "disable_adapters",
+    "weighted_adapters",
     "load_adapter",
     "load_model",
     "merge",

@@ -60,6 +60,7 @@ unload = core.unload
 merge_and_unload = core.merge_and_unload
 delete_adapter = core.delete_adapter
 disable_adapters = core.disable_adapters
+weighted_adapters = core.weighted
 trainable_parameters = core.trainable_parameters
 param_groups = core.param_groups
 training_hooks = core.training_hooks

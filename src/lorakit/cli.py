@@ -192,9 +192,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .conversation import conversation_repl
     from .core.model import registry
     from .generate import chat_repl
+    from .routing import TaskRouter, load_task_adapters
     from .run import api_load
 
+    if args.adapters and not args.router:
+        raise ValueError("--adapters goes with --router (the router picks among them); use --adapter for one")
+    if args.adapter and args.router:
+        raise ValueError("--adapter and --router exclude each other: the router's adapters are loaded for it")
     model, tokenizer = api_load(args.model)
+    if args.router:
+        router = TaskRouter.load(args.router, args.route_mode)
+        load_task_adapters(model, router, args.adapters.split(",") if args.adapters else None)
+        chat_repl(
+            model, tokenizer, max_new_tokens=args.max_new_tokens, route=router.chat_route(model, tokenizer)
+        )
+        return
     if args.adapter:
         _load_as_trained(model, args.adapter)
         config = registry(model).configs["default"]
@@ -204,6 +216,51 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if args.merge:
             api.merge(model)
     chat_repl(model, tokenizer, max_new_tokens=args.max_new_tokens)
+
+
+def _pairs(text: str, flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{flag} takes NAME=VALUE pairs separated by commas, got {item!r}")
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def cmd_router(args: argparse.Namespace) -> None:
+    from .data import load_task, read_examples
+    from .routing import train_router
+    from .run import api_load
+
+    adapters, data = _pairs(args.adapters, "--adapters"), _pairs(args.data, "--data")
+    if set(adapters) != set(data):
+        raise ValueError(
+            f"--adapters names {sorted(adapters)} and --data names {sorted(data)} must be the same tasks"
+        )
+    for name, folder in adapters.items():
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"adapter folder {folder} (task {name}) does not exist")
+    prompts = {}
+    for name, source in data.items():
+        examples = (
+            load_task(source.removeprefix("task:")).train
+            if source.startswith("task:")
+            else read_examples(source)
+        )
+        prompts[name] = examples[: args.per_task]
+    held = {n: p[len(p) * 4 // 5 :] for n, p in prompts.items()}  # the last fifth: routing accuracy
+    fit = {n: p[: len(p) * 4 // 5] for n, p in prompts.items()}
+    if any(len(p) == 0 for p in [*held.values(), *fit.values()]):
+        raise ValueError("each task needs at least 2 examples (4/5 to fit the router, 1/5 to check it)")
+    model, tokenizer = api_load(args.model)
+    router = train_router(model, tokenizer, fit, adapters, layer=args.layer, mode=args.mode)
+    for name, rows in held.items():
+        picked = router.probabilities(model, tokenizer, rows).argmax(-1)
+        right = int((picked == router.names.index(name)).sum())
+        print(f"{name}: {right}/{len(rows)} held-out prompts routed to its adapter")
+    out = router.save(args.out)
+    print(f"wrote the router to {out} (layer {router.layer}, {len(adapters)} adapters, mode {router.mode})")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -333,6 +390,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge", action=argparse.BooleanOptionalAction, default=True, help="merge the adapter for speed"
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--router", default=None, help="a task router folder (lorakit router): it picks an adapter per reply"
+    )
+    p.add_argument(
+        "--adapters",
+        default=None,
+        help="with --router: the task adapters' folders, comma-separated, in its order",
+    )
+    p.add_argument(
+        "--route-mode", choices=("pick", "weights"), default=None, help="with --router (default: its own)"
+    )
+
+    p = command(
+        "router", cmd_router, "train a per-input router over trained task adapters (for chat --router)"
+    )
+    p.add_argument("--adapters", required=True, help="NAME=FOLDER pairs, comma-separated: the task adapters")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="NAME=FILE.jsonl (or NAME=task:icd10-chapter) pairs: prompts of each task",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-task", type=int, default=200, help="prompts per task (4/5 fit, 1/5 checked)")
+    p.add_argument("--layer", type=int, default=None, help="hidden state read (default: the middle layer)")
+    p.add_argument("--mode", choices=("pick", "weights"), default="pick")
+    p.add_argument("--model", default=None)
 
     p = command("data", cmd_data, "show how samples are formatted and which tokens train")
     p.add_argument("--show", type=int, default=3, help="how many samples to render")

@@ -67,11 +67,13 @@ def chat_repl(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     system: str | None = None,
+    route: Callable[[Messages], contextlib.AbstractContextManager[str]] | None = None,
 ) -> None:
     """An interactive multi-turn chat; the whole history goes to the model at every turn.
 
     ``input_fn`` / ``print_fn`` are injectable so the loop can be scripted in tests;
-    ``print_fn`` must accept print's ``end`` and ``flush`` keywords.
+    ``print_fn`` must accept print's ``end`` and ``flush`` keywords. ``route(history)``, if given,
+    is entered around each reply (a task router activating its choice) and yields a label to show.
     """
     start: Messages = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -91,7 +93,10 @@ def chat_repl(
             print_fn(f"unknown command {line!r}; {HELP}")
         elif line:
             history.append({"role": "user", "content": line})
-            reply = _print_reply(model, tokenizer, history, print_fn, max_new_tokens, temperature)
+            with route(history) if route else contextlib.nullcontext("") as label:
+                if label:
+                    print_fn(f"[{label}] ", end="", flush=True)
+                reply = _print_reply(model, tokenizer, history, print_fn, max_new_tokens, temperature)
             history.append({"role": "assistant", "content": reply})
 
 

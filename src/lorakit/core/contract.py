@@ -138,6 +138,7 @@ class AdaptedLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
+        self.weights: dict[str, float] = {}  # adapter -> scale of its output (set by core.weighted)
         self.merged: list[str] = []
         self.enabled = True
         self.weight_layout = _layout(base_layer)
@@ -196,11 +197,15 @@ class AdaptedLayer(nn.Module):
             return out
         base_out = out
         active = self.active if self.enabled else ()
+        weights = self.weights
         for name, delta in deltas.items():
             if name in merged:
                 continue
             if name in active:
-                out = delta.add_to(out, x, base_out, self)
+                if name in weights:  # a per-input router's weighting (lorakit.routing)
+                    out = out + weights[name] * delta(x, base_out, self)
+                else:
+                    out = delta.add_to(out, x, base_out, self)
             elif (correction := delta.base_correction(x, self)) is not None:
                 out = out + correction
         return out

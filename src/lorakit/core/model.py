@@ -204,6 +204,30 @@ def delete_adapter(model: nn.Module, adapter_name: str, keep_changes: bool = Fal
 
 
 @contextmanager
+def weighted(model: nn.Module, weights: dict[str, float]) -> Iterator[None]:
+    """Run layer adapters `weights` together, each one's output scaled by its weight (a weighted sum
+    of their changes), then restore the active set. Merged or model-level adapters cannot be scaled
+    per call and are refused."""
+    for name in weights:
+        _check_name(model, name)
+    if any(name in dict(model_adapters(model)) for name in weights):
+        raise ValueError("only layer adapters (LoRA, DoRA, ...) can be weighted; prompt/prefix tuning cannot")
+    layers = [layer for _, layer in adapted_layers(model)]
+    if any(name in layer.merged for layer in layers for name in weights):
+        raise ValueError("a merged adapter cannot be weighted per call; unmerge it first")
+    previous = list(registry(model).active)
+    set_active(model, list(weights))
+    for layer in layers:
+        layer.weights = {n: float(w) for n, w in weights.items() if n in layer.adapters and w != 1.0}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.weights = {}
+        set_active(model, previous)
+
+
+@contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model: merged adapters are unmerged for the duration, then merged back."""
     with ExitStack() as stack:
