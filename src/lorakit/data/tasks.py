@@ -127,8 +127,65 @@ def _icd10_chapter_task(n_train_per_class: int, n_eval_per_class: int, seed: int
     return Task("icd10-chapter", train, held_out, list(chapters))
 
 
-TASKS: dict[str, Callable[[int, int, int], Task]] = {"icd10-chapter": _icd10_chapter_task}
-"""Task name (as written in configs and on the command line) -> builder."""
+def _chatterbot_pairs(language: str, files: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """(question, answer) pairs, one per distinct question (its first answer, so a held-out question
+    never appears in training): each conversation's first two turns, from chatterbot-corpus's YAML
+    files of `language` (all files, or only `files`)."""
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "this task reads chatterbot-corpus's data, which is not installed; run: "
+            "pip install chatterbot-corpus==1.3.3 (make install does)"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "data" / language
+    pairs: dict[str, str] = {}
+    for path in sorted(folder.glob("*.yml")):
+        if files is not None and path.stem not in files:
+            continue
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            if isinstance(conversation, list) and len(conversation) >= 2:
+                question, answer = (" ".join(str(t).split()) for t in conversation[:2])
+                if question and answer:
+                    pairs.setdefault(question, answer)
+    return list(pairs.items())
+
+
+def _pairs_task(name: str, pairs: list[tuple[str, str]], n_train: int, n_eval: int, seed: int) -> Task:
+    """A held-out split fixed by the task's name, then `n_train` training pairs drawn by `seed`."""
+    shuffled = sorted(pairs)
+    random.Random(f"{_EVAL_SEED}:{name}").shuffle(shuffled)
+    if n_eval + min(n_train, 1) > len(shuffled):
+        raise ValueError(f"{name} has {len(shuffled)} pairs; ask for fewer than {len(shuffled)} held out")
+    held, pool = shuffled[:n_eval], shuffled[n_eval:]
+    picked = random.Random(f"{seed}:{name}").sample(pool, min(n_train, len(pool)))
+
+    def ask(q: str) -> Conversation:
+        return [{"role": "user", "content": q}]
+
+    train = [ask(q) + [{"role": "assistant", "content": a}] for q, a in picked]
+    return Task(name, train, [EvalItem(ask(q), a) for q, a in held], [])
+
+
+def _trivia_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
+    """chatterbot-corpus's English trivia (261 question -> short answer pairs): recall of facts; a
+    small model mostly cannot answer held-out questions, so its score is the answer NLL."""
+    return _pairs_task("chatterbot-trivia", _chatterbot_pairs("english", ("trivia",)), 10**9, 40, seed)
+
+
+def _chinese_chat_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
+    """chatterbot-corpus's Chinese conversations, first turn -> reply (one per question): a language and
+    register the default model rarely writes; scored by answer NLL."""
+    return _pairs_task("chatterbot-zh", _chatterbot_pairs("chinese"), 10**9, 60, seed)
+
+
+TASKS: dict[str, Callable[[int, int, int], Task]] = {
+    "icd10-chapter": _icd10_chapter_task,
+    "chatterbot-trivia": _trivia_task,
+    "chatterbot-zh": _chinese_chat_task,
+}
+"""Task name (as written in configs and on the command line) -> builder. "a+b" mixes tasks."""
 
 
 def load_task(
@@ -137,12 +194,23 @@ def load_task(
     n_eval_per_class: int = 10,
     seed: int = 0,
 ) -> Task:
-    """Build a task by name; ``seed`` picks the training examples, never the held-out ones."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
+    """Build a task by name; ``seed`` picks the training examples, never the held-out ones.
+    "a+b+c" is the tasks mixed: their training sets shuffled together, their held-out sets joined
+    (score each task alone with its own name)."""
+    names = name.split("+")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; available tasks: {', '.join(sorted(TASKS))} (or a+b)")
     if n_train_per_class < 0 or n_eval_per_class < 0:
         raise ValueError(
             f"n_train_per_class ({n_train_per_class}) and n_eval_per_class ({n_eval_per_class}) "
             "must be non-negative"
         )
-    return TASKS[name](n_train_per_class, n_eval_per_class, seed)
+    parts = [TASKS[n](n_train_per_class, n_eval_per_class, seed) for n in names]
+    if len(parts) == 1:
+        return parts[0]
+    train = [c for part in parts for c in part.train]
+    random.Random(seed).shuffle(train)
+    return Task(
+        name, train, [item for part in parts for item in part.eval], [c for p in parts for c in p.classes]
+    )
