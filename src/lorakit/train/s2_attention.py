@@ -1,0 +1,169 @@
+"""Shifted sparse attention (S2-Attn, LongLoRA: Chen et al., ICLR 2024), causal-correct, for training.
+
+With N tokens and groups of G = ratio * N (LongLoRA: a quarter), a token attends only to the earlier
+tokens of its own group. The first H // 2 heads use groups [0, G), [G, 2G), ...; the other heads
+(H - H // 2 of them: 5 of SmolLM2's 9) use groups shifted by half a group, [0, G/2), [G/2, 3G/2),
+..., [N - G/2, N), so information crosses every group boundary in some head. Tokens stay in place:
+only the mask changes.
+
+    token i attends to j  iff  j <= i  and  group_h(i) == group_h(j)
+    group_h(t) = t // G for the unshifted heads, (t + G/2) // G for the shifted ones
+
+The authors' roll-based code (rolling the shifted heads' tokens by G/2 and attending in groups) lets
+the first half-group see the last one, i.e. the future; `tests/train/test_s2_attention.py` keeps
+that variant as the negative control of the causality test. Here the unshifted heads run as N/G
+independent causal sequences of G tokens, and the shifted heads as N/G + 1 such sequences over the
+tokens with G/2 blank slots put before and after (the blanks are never attended to by a real token,
+and their outputs are dropped), so attention costs N^2/4 of dense at ratio 1/4 and no N x N mask is
+ever built.
+
+It is registered with transformers as the attention implementation "lorakit_s2" and applies only in
+training (`module.training`), without a cache and with whole groups (N divisible by G, G even):
+- evaluation, generation and any call with a cache use ordinary causal SDPA: the model is trained
+  with short-range attention and used with full attention, as LongLoRA prescribes;
+- a padded batch gets the S2 mask intersected with the padding mask, dense (exact, not faster;
+  a padding position also sees itself, so no row is empty);
+- a training length that does not split into whole even groups is refused with the lengths that do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NAME = "lorakit_s2"
+DEFAULT_RATIO = 0.25
+RATIO_ATTRIBUTE = "lorakit_s2_group_ratio"  # on the model config; set by `use_s2_attention`
+
+
+def group_size(length: int, ratio: float) -> int:
+    """G for a training length N; refuses lengths that do not split into whole, even groups."""
+    size = round(length * ratio)
+    if abs(length * ratio - size) > 1e-9 or size < 2 or size % 2 or length % size:
+        raise ValueError(
+            f"shifted sparse attention needs the training length to split into groups of an even "
+            f"size ({ratio:g} of it): {length} tokens give groups of {length * ratio:g}; pad or cut "
+            f"sequences to a multiple of {int(round(2 / ratio))} tokens (e.g. {_near(length, ratio)})"
+        )
+    return size
+
+
+def _near(length: int, ratio: float) -> int:
+    step = int(round(2 / ratio))
+    return max(step, (length // step) * step)
+
+
+def heads_split(heads: int) -> int:
+    """How many heads keep unshifted groups: the first H // 2 (the rest, the larger half, shift)."""
+    return heads // 2
+
+
+def s2_mask(length: int, heads: int, size: int, device: Any = None) -> Tensor:
+    """The rule as a dense (H, N, N) bool mask: the reference the fast path is tested against."""
+    t = torch.arange(length, device=device)
+    plain, shifted = t // size, (t + size // 2) // size
+    causal = t[None, :] <= t[:, None]
+    same_plain = plain[:, None] == plain[None, :]
+    same_shifted = shifted[:, None] == shifted[None, :]
+    split = heads_split(heads)
+    return torch.stack([causal & (same_plain if h < split else same_shifted) for h in range(heads)])
+
+
+def _repeat_kv(x: Tensor, heads: int) -> Tensor:
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _grouped_causal(
+    q: Tensor, k: Tensor, v: Tensor, size: int, scale: float | None, mask: Tensor | None
+) -> Tensor:
+    """Causal attention within consecutive groups of `size` tokens: (B, h, L, D) with L % size == 0."""
+    b, h, length, d = q.shape
+    shape = (b, h, length // size, size, d)
+    q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, length, d)
+
+
+def s2_attention(query: Tensor, key: Tensor, value: Tensor, size: int, scale: float | None = None) -> Tensor:
+    """(B, H, N, D) queries, (B, Hkv, N, D) keys and values -> (B, H, N, D), without a dense mask."""
+    heads, length = query.shape[1], query.shape[2]
+    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
+    split, half = heads_split(heads), size // 2
+    parts = []
+    if split:
+        parts.append(_grouped_causal(query[:, :split], key[:, :split], value[:, :split], size, scale, None))
+    # shifted heads: G/2 blank slots on both ends make N + G tokens, N/G + 1 whole groups
+    q, k, v = (F.pad(x[:, split:], (0, 0, half, half)) for x in (query, key, value))
+    causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
+    first = causal.clone()
+    first[half:, :half] = False  # real tokens of group 0 never see the blanks before them
+    mask = torch.stack([first] + [causal] * (length // size))  # (N/G + 1, G, G); blanks see themselves
+    shifted = _grouped_causal(q, k, v, size, scale, mask)
+    parts.append(shifted[:, :, half : half + length])
+    return torch.cat(parts, dim=1)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: S2 in training, SDPA everywhere else."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    training = module.training and key.shape[2] == length and length > 1 and kwargs.get("cache") is None
+    if not training:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    ratio = float(getattr(module.config, RATIO_ATTRIBUTE, DEFAULT_RATIO))
+    size = group_size(length, ratio)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # rotary embeddings made q, k fp32; SDPA would cast too
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if attention_mask is None:
+        out = s2_attention(query, key, value, size, scaling)
+    else:  # padding: the group rule and the padding mask together, dense
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        allowed = attention_mask[..., -length:] & s2_mask(length, query.shape[1], size, query.device)
+        # a padding query whose group holds only padding would see nothing (NaN, and NaN gradients
+        # through the masked loss): let every query see itself; real tokens always do anyway
+        allowed = allowed | torch.eye(length, dtype=torch.bool, device=query.device)
+        heads = query.shape[1]
+        out = F.scaled_dot_product_attention(
+            query, _repeat_kv(key, heads), _repeat_kv(value, heads), attn_mask=allowed, scale=scaling
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register S2-Attn (and SDPA's mask format, so padded batches get a mask) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    return NAME
+
+
+def use_s2_attention(model: nn.Module, ratio: float = DEFAULT_RATIO) -> None:
+    """Train `model` with S2-Attn from now on (its evaluation and generation keep full attention)."""
+    if not 0 < ratio <= 0.5:
+        raise ValueError(f"the group ratio must be in (0, 0.5], got {ratio}")
+    setattr(model.config, RATIO_ATTRIBUTE, ratio)
+    model.set_attn_implementation(register())
