@@ -235,9 +235,16 @@ def _eager_of(module: nn.Module) -> Any:
 
 def register() -> str:
     """Register the kernel (and SDPA's mask format) with transformers; returns its name."""
+    return register_attention(NAME, attention_forward)
+
+
+def register_attention(name: str, function: Any) -> str:
+    """Register an attention function under `name` with transformers, with SDPA's mask format (without
+    a mask function of the same name, transformers would give the function no mask even for padded
+    batches)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(NAME, attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    return NAME
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    return name

@@ -153,12 +153,9 @@ def attention_forward(
 
 def register() -> str:
     """Register S2-Attn (and SDPA's mask format, so padded batches get a mask) with transformers."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from .attention import register_attention
 
-    AttentionInterface.register(NAME, attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    return NAME
+    return register_attention(NAME, attention_forward)
 
 
 def use_s2_attention(model: nn.Module, ratio: float = DEFAULT_RATIO) -> None:
