@@ -346,7 +346,7 @@ def test_a_failed_adapter_save_leaves_the_previous_folder_whole(tmp_path, monkey
         save_file(tensors, str(folder / state.WEIGHTS_NAME))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(state, "_write_folder", fail_after_weights)
+    monkeypatch.setattr(state, "write_adapter_folder", fail_after_weights)
     with pytest.raises(OSError):
         lk.save_adapter(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == old

@@ -218,22 +218,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_repl(model, tokenizer, max_new_tokens=args.max_new_tokens)
 
 
-def _pairs(text: str, flag: str) -> dict[str, str]:
-    pairs = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise ValueError(f"{flag} takes NAME=VALUE pairs separated by commas, got {item!r}")
-        pairs[name.strip()] = value.strip()
-    return pairs
-
-
 def cmd_router(args: argparse.Namespace) -> None:
     from .data import load_task, read_examples
+    from .options import name_value_pairs
     from .routing import train_router
     from .run import api_load
 
-    adapters, data = _pairs(args.adapters, "--adapters"), _pairs(args.data, "--data")
+    adapters = name_value_pairs(args.adapters, "--adapters")
+    data = name_value_pairs(args.data, "--data")
     if set(adapters) != set(data):
         raise ValueError(
             f"--adapters names {sorted(adapters)} and --data names {sorted(data)} must be the same tasks"
@@ -264,12 +256,19 @@ def cmd_router(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .data import load_task, read_examples, render_mask
+    from .data import load_task, render_mask
     from .data.chat import encode_chat
+    from .data.jsonl import read_data_file
+    from .options import column_map
     from .run import api_load
 
+    if args.data:
+        found = read_data_file(args.data, column_map(args.columns))
+        conversations = found.conversations
+        print(f"{args.data}: {found.kind}, {found.format} records, {len(conversations)} conversations\n")
+    else:
+        conversations = load_task(args.task).train
     _, tokenizer = api_load(args.model)
-    conversations = read_examples(args.data) if args.data else load_task(args.task).train
     for conversation in conversations[: args.show]:
         encoded = encode_chat(tokenizer, conversation, args.max_length, last_turn_only=args.last_turn_only)
         if encoded is None:
@@ -419,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("data", cmd_data, "show how samples are formatted and which tokens train")
     p.add_argument("--show", type=int, default=3, help="how many samples to render")
-    p.add_argument("--data", default=None, help="JSONL file (default: the built-in task)")
+    p.add_argument("--data", default=None, help="data file or datasets folder (default: the built-in task)")
+    p.add_argument("--columns", default=None, help="NAME=COLUMN,...: read these keys from other columns")
     p.add_argument("--task", default="icd10-chapter")
     p.add_argument("--model", default=None)
     p.add_argument("--max-length", type=int, default=256)

@@ -58,11 +58,19 @@ class RunConfig:
     data: str | None = field(
         default=None,
         metadata=_help(
-            "JSONL training data ({'messages': [...]} or prompt/completion); replaces the task's training set"
+            "training data, replacing the task's: JSONL, JSON, CSV, Parquet or a datasets folder, with "
+            "OpenAI messages, prompt/completion, ShareGPT or Alpaca records (detected)"
         ),
     )
     eval_data: str | None = field(
-        default=None, metadata=_help("JSONL held-out data; the last assistant turn is the reference answer")
+        default=None,
+        metadata=_help("held-out data, as --data; the last assistant turn is the reference answer"),
+    )
+    columns: str | None = field(
+        default=None,
+        metadata=_help(
+            "read these keys from other columns: NAME=COLUMN,... (e.g. prompt=question,completion=answer)"
+        ),
     )
     max_length: int = field(
         default=256,
@@ -213,6 +221,22 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "top_k": ("top_k",),
     "balance_weight": ("balance_weight",),
 }
+
+
+def name_value_pairs(text: str, flag: str) -> dict[str, str]:
+    """A flag's NAME=VALUE,... as a dict; a malformed pair is an error naming the flag."""
+    pairs = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{flag} takes NAME=VALUE pairs separated by commas, got {item!r}")
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def column_map(text: str | None) -> dict[str, str] | None:
+    """--columns NAME=COLUMN,... as a dict (None when not given)."""
+    return name_value_pairs(text, "--columns") if text else None
 
 
 def method_config(cfg: RunConfig, tokenizer: Any = None, seed: int | None = None) -> Any:

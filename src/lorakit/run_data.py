@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .data import EvalItem, build_sft_dataset, general_prompts, general_texts, load_task, read_examples
-from .options import RunConfig
+from .options import RunConfig, column_map
 
 log = logging.getLogger("lorakit")
 
@@ -37,11 +37,11 @@ def read_data(cfg: RunConfig, seed: int, say: Any = log.info) -> tuple[list[Any]
     if cfg.data is None:
         task = load_task(cfg.task, seed=seed)
         train_convs = task.train
-        items = _eval_items(cfg.eval_data) if cfg.eval_data else task.eval
+        items = _eval_items(cfg.eval_data, column_map(cfg.columns)) if cfg.eval_data else task.eval
     else:
-        train_convs = read_examples(cfg.data)
+        train_convs = read_examples(cfg.data, column_map(cfg.columns))
         if cfg.eval_data:
-            items = _eval_items(cfg.eval_data)
+            items = _eval_items(cfg.eval_data, column_map(cfg.columns))
         else:
             train_convs, items = hold_out(train_convs, seed, cfg.data, say)
     return train_convs, items[: cfg.eval_limit] if cfg.eval_limit else items
@@ -95,9 +95,9 @@ def build_data(
     return train, EvalData(items, answers.samples, general_texts(), general_prompts(cfg.kl_prompts))
 
 
-def _eval_items(path: str) -> list[EvalItem]:
+def _eval_items(path: str, columns: dict[str, str] | None) -> list[EvalItem]:
     items = []
-    for conv in read_examples(path):
+    for conv in read_examples(path, columns):
         if conv[-1]["role"] != "assistant":
             raise ValueError(
                 f"{path}: every held-out conversation must end with the reference assistant turn"

@@ -54,7 +54,7 @@ def test_blank_lines_are_skipped(tmp_path: Path) -> None:
         ('{"prompt": "p", "completion": ', "not valid JSON"),
         ("[1, 2]", "expected a JSON object, got list"),
         ('{"question": "q", "answer": "a"}', r"keys \['answer', 'question'\]"),
-        ('{"prompt": "p"}', "both 'prompt' and 'completion'"),
+        ('{"prompt": "p"}', "'prompt' and 'completion', 'conversations'"),
         ('{"prompt": 3, "completion": "c"}', "'prompt' must be a string or a list"),
         ('{"messages": [{"role": "bot", "content": "c"}]}', "unknown role 'bot'"),
         ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),
