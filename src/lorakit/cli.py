@@ -145,14 +145,33 @@ def _load_as_trained(model: Any, adapter: str) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
     from . import api
     from .run import api_load
 
+    config_file = Path(args.adapter) / "adapter_config.json"
+    peft_type = json.loads(config_file.read_text()).get("peft_type") if config_file.is_file() else None
     model, _ = api_load(args.model)
-    _load_as_trained(model, args.adapter)
-    out = api.export_lora(model, args.out)
+    if args.format == "peft":
+        _load_as_trained(model, args.adapter)
+        out = api.export_lora(model, args.out)
+        print(
+            f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)"
+        )
+        return
+    from .export_gguf import export_gguf_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = args.adapter
+        if peft_type not in ("LORA", None):  # a fixed low-rank change (Quantum-PEFT): its LoRA form first
+            _load_as_trained(model, args.adapter)
+            lora = str(api.export_lora(model, Path(tmp) / "lora"))
+        out = export_gguf_adapter(lora, args.out, model.config, args.outtype)
     print(
-        f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)"
+        f"wrote a llama.cpp adapter GGUF to {out} (llama-cli -m BASE.gguf --lora {out}; Ollama: ADAPTER {out})"
     )
 
 
@@ -353,11 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
 
     p = command(
-        "export", cmd_export, "write a fixed low-rank adapter (Quantum-PEFT) as a plain PEFT LoRA folder"
+        "export",
+        cmd_export,
+        "write an adapter for serving: a plain PEFT LoRA folder (Quantum-PEFT) or a llama.cpp GGUF",
     )
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--format", choices=("peft", "gguf"), default="peft")
+    p.add_argument(
+        "--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="gguf: tensor type"
+    )
 
     from .combine import COMBINATIONS, MAJORITY_SIGN
 

@@ -71,8 +71,9 @@ class MergeReport:
         return max(self.residual.values(), default=0.0)
 
 
-def read_source(path: str | os.PathLike) -> Source:
-    """A PEFT LoRA folder (lorakit's or PEFT's) as factors; anything else is refused clearly."""
+def read_source(path: str | os.PathLike, allow_alora: bool = False) -> Source:
+    """A PEFT LoRA folder (lorakit's or PEFT's) as factors; anything else is refused clearly. An
+    aLoRA folder only with `allow_alora` (an export keeps its invocation; a combination cannot)."""
     config, tensors = read_adapter_folder(path)
     kind = config.get("peft_type")
     if kind != "LORA":
@@ -83,7 +84,7 @@ def read_source(path: str | os.PathLike) -> Source:
             f"{path} is a DoRA adapter: its change depends on the base weight's norms, so it is not a "
             "fixed low-rank change to combine; merge it into the model instead (lorakit merge)"
         )
-    if config.get("alora_invocation_tokens"):
+    if config.get("alora_invocation_tokens") and not allow_alora:
         raise AdapterLoadError(
             f"{path} is an aLoRA adapter: it acts only from its invocation on, and a combined LoRA "
             "would act on every token; combine it with other aLoRA adapters at run time instead"
