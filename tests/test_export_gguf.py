@@ -115,3 +115,53 @@ def test_refusals_say_why(tmp_path: Path) -> None:
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "d.gguf").exists()
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
+
+
+def test_the_command_writes_lora_and_quantum_adapters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorakit.cli import main
+    from lorakit.models import tiny_tokenizer
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    folder, _ = _adapter(tmp_path)
+    main(
+        [
+            "export",
+            "--adapter",
+            str(folder),
+            "--format",
+            "gguf",
+            "--out",
+            str(tmp_path / "l.gguf"),
+            "--model",
+            str(base),
+        ]
+    )
+    assert "llama.cpp adapter GGUF" in capsys.readouterr().out
+    quantum = tiny_llama()
+    lk.apply(quantum, lk.QuantumPEFTConfig(rank=2, layers=1))
+    with torch.no_grad():
+        for p in quantum.parameters():
+            if p.requires_grad:
+                p.uniform_(-1, 1)
+    qfolder = lk.save_adapter(quantum, tmp_path / "quantum")[0]
+    main(
+        [
+            "export",
+            "--adapter",
+            str(qfolder),
+            "--format",
+            "gguf",
+            "--out",
+            str(tmp_path / "q.gguf"),
+            "--model",
+            str(base),
+        ]
+    )
+    _, tensors = _read(tmp_path / "q.gguf")
+    a, b = tensors["blk.0.attn_v.weight.lora_a"], tensors["blk.0.attn_v.weight.lora_b"]
+    delta = quantum.model.layers[0].self_attn.v_proj.adapters["default"].delta_weight()
+    torch.testing.assert_close(torch.from_numpy(b @ a).double(), delta, rtol=1e-4, atol=1e-6)  # alpha / r = 1
