@@ -304,3 +304,30 @@ def test_log_plot_and_result(tiny, make_config) -> None:
     assert result.tokens_per_s > 0 and result.elapsed_s > 0
     assert [e["step"] for e in result.evals] == [2, 4]
     assert result.checkpoint_dir.name == "step-000004"
+
+
+def test_tensorboard_gets_the_same_scalars_as_log_jsonl(tiny, make_config, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(steps=3, report_to="tensorboard", output_dir=str(tmp_path / "tb"))
+    result = Trainer(tiny.llama(), tiny.samples(8), config, eval_fn=lambda m: {"answer_nll": 1.5}).train()
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("train/loss")] == losses
+    assert [e.value for e in events.Scalars("eval/answer_nll")] == [1.5]
+
+
+def test_tensorboard_missing_is_a_clear_error_before_training(make_config, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match="needs the tensorboard package: pip install tensorboard"):
+        make_config(report_to="tensorboard")
+    with pytest.raises(ValueError, match="report_to='wandb'; expected one of none, tensorboard"):
+        make_config(report_to="wandb")

@@ -7,6 +7,7 @@ and `from_dict` refuses unknown keys so a typo in a YAML file fails loudly inste
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ TRAJECTORY_FIELDS: tuple[str, ...] = (
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -109,6 +113,12 @@ class TrainConfig:
         ),
     )
     progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    report_to: str = field(
+        default="none",
+        metadata=_help(
+            "also log to: none, or tensorboard (event files in OUTPUT_DIR/tensorboard; needs tensorboard)"
+        ),
+    )
     output_dir: str = field(
         default="runs/lorakit", metadata=_help("folder for log.jsonl, loss.png and checkpoints")
     )
@@ -150,6 +160,10 @@ class TrainConfig:
             p.append(f"precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.compile not in COMPILES:
             p.append(f"compile={self.compile!r}; expected one of {', '.join(COMPILES)}")
+        if self.report_to not in REPORT_TO:
+            p.append(f"report_to={self.report_to!r}; expected one of {', '.join(REPORT_TO)}")
+        elif self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            p.append("report_to='tensorboard' needs the tensorboard package: pip install tensorboard")
         if self.optimizer not in ("adamw", "paged_adamw"):
             p.append(f"optimizer={self.optimizer!r}; expected adamw or paged_adamw")
         return p

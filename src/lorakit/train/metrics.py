@@ -22,9 +22,51 @@ class JsonlLog:
         text = "".join(json.dumps(record) + "\n" for record in kept)
         atomic_write(path, lambda tmp: tmp.write_text(text))  # a crash here keeps the old log whole
 
+        self.mirrors: list[Any] = []  # e.g. TensorBoard: each record is also sent there
+
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        for mirror in self.mirrors:
+            mirror.write(record)
+
+    def close(self) -> None:
+        for mirror in self.mirrors:
+            mirror.close()
+
+
+class TensorBoardLog:
+    """log.jsonl's records as TensorBoard scalars (train/<field>, eval/<field>) in `folder`. A
+    resumed run appends a new event file; TensorBoard shows the later value of a repeated step."""
+
+    def __init__(self, folder: Path) -> None:
+        self.writer = tensorboard_writer()(str(folder))
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record.get("step", 0))
+        for key, value in record.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_writer() -> Any:
+    """torch's SummaryWriter, or a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or 'lorakit[tensorboard]'); log.jsonl is written either way"
+        ) from None
+    return SummaryWriter
 
 
 def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:

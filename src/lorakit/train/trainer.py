@@ -41,7 +41,7 @@ from lorakit.train.batching import (
 from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
 from lorakit.train.fast import prepare_for_training
 from lorakit.train.loss import chunked_causal_lm_loss
-from lorakit.train.metrics import JsonlLog, plot_loss, read_log
+from lorakit.train.metrics import JsonlLog, TensorBoardLog, plot_loss, read_log
 from lorakit.train.optim import (
     autocast_dtype,
     build_optimizer,
@@ -126,6 +126,8 @@ class Trainer:
         progress, order = self._begin()
         self._prepare_model()
         log = JsonlLog(self.output_dir / "log.jsonl", progress.step if progress.step else None)
+        if self.config.report_to == "tensorboard":
+            log.mirrors.append(TensorBoardLog(self.output_dir / "tensorboard"))
         # a resumed run reports the whole held-out curve, not only the evaluations after the resume
         evals: list[dict[str, float]] = [r for r in log.kept if any(k.startswith("eval_") for k in r)]
         started = time.perf_counter() - progress.elapsed
@@ -143,6 +145,7 @@ class Trainer:
                     continue
                 progress.elapsed = time.perf_counter() - started
                 self._after_step(record, progress, order, log, bar, evals)
+        log.close()
         self._call("on_train_end", self.config.steps)
         return self._finish(progress, log, evals)
 
