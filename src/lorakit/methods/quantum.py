@@ -116,7 +116,7 @@ class QuantumPEFTConfig:
     seed: int = 0
 
     peft_type: ClassVar[str] = "QUANTUM_PEFT"
-    default_lr: ClassVar[float] = 3e-2  # the better of a short sweep, docs/methods/quantum.md
+    default_lr: ClassVar[float] = 1e-1  # from the sweep and full runs in docs/methods/quantum.md
     run_defaults: ClassVar[dict[str, Any]] = {"alpha": 1.0, "rank": 8}  # `lorakit train`'s, not LoRA's
 
     def __post_init__(self) -> None:
