@@ -51,3 +51,24 @@ def test_bad_requests_are_refused() -> None:
     extend_context(model, 1024)
     with pytest.raises(ValueError, match="not beyond the model's window of 512"):
         extend_context(model, 400)  # the window is the original one, not the extended
+
+
+def test_passkey_prompts_have_the_length_and_depth_asked_for() -> None:
+    from lorakit.long.passkey import QUESTION, key_sentence, passkey_items, passkey_prompt
+    from lorakit.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # byte-level: a token per character
+    for depth in (0.0, 0.5, 1.0):
+        prompt = passkey_prompt(tok, 2000, depth, 12345)
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert abs(n - 2000) <= 50 and prompt.endswith(QUESTION)
+        at = prompt.index(key_sentence(12345)) / (len(prompt) - len(key_sentence(12345)) - len(QUESTION))
+        assert abs(at - depth) < 0.05
+    items = passkey_items(tok, 1000, [0.25, 0.75], per_depth=3, seed=1)
+    assert len(items) == 6 and all(i.reference.isdigit() and len(i.reference) == 5 for i in items)
+    assert all(i.reference in i.messages[0]["content"] for i in items)
+    assert [i.reference for i in items] == [i.reference for i in passkey_items(tok, 1000, [0.25, 0.75], 3, 1)]
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompt(tok, 1000, 1.5, 1)
+    with pytest.raises(ValueError, match="room for any filler"):
+        passkey_prompt(tok, 20, 0.5, 1)
