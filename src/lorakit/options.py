@@ -66,6 +66,12 @@ class RunConfig:
         default=None,
         metadata=_help("held-out data, as --data; the last assistant turn is the reference answer"),
     )
+    forgetting_data: str | None = field(
+        default=None,
+        metadata=_help(
+            "a UTF-8 text file of general prose to measure forgetting on (default: Python's pydoc topics)"
+        ),
+    )
     columns: str | None = field(
         default=None,
         metadata=_help(

@@ -39,6 +39,7 @@ SCORING_ONLY = (
     "eval_limit",
     "general_tokens",
     "kl_prompts",
+    "forgetting_data",
     "skip_eval",
     "base_eval_cache",
     "attention",

@@ -92,7 +92,10 @@ def build_data(
             train.skipped,
             cfg.max_length,
         )
-    return train, EvalData(items, answers.samples, general_texts(), general_prompts(cfg.kl_prompts))
+    texts = general_texts(path=cfg.forgetting_data)
+    return train, EvalData(
+        items, answers.samples, texts, general_prompts(cfg.kl_prompts, path=cfg.forgetting_data)
+    )
 
 
 def _eval_items(path: str, columns: dict[str, str] | None) -> list[EvalItem]:

@@ -27,9 +27,9 @@ def test_general_prompts_are_short_distinct_prose() -> None:
 
 
 def test_general_prompts_reject_impossible_counts() -> None:
-    with pytest.raises(ValueError, match="n must be between 1 and"):
+    with pytest.raises(ValueError, match="--kl-prompts must be between 1 and"):
         general_prompts(0)
-    with pytest.raises(ValueError, match="n must be between 1 and"):
+    with pytest.raises(ValueError, match="--kl-prompts must be between 1 and"):
         general_prompts(100_000)
 
 
@@ -38,3 +38,22 @@ def test_general_text_is_not_in_the_default_task() -> None:
     questions = {m["content"] for conversation in task.train for m in conversation}
     prompts = set(general_prompts(50))
     assert not questions & prompts
+
+
+def test_the_users_own_forgetting_text(tmp_path) -> None:
+    paragraphs = [
+        f"Paragraph {i}: " + "plain English prose about gardens and rivers. " * 4 for i in range(12)
+    ]
+    path = tmp_path / "mine.txt"
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    chunks = general_texts(chunk_chars=400, path=str(path))
+    assert "\n\n".join(chunks) == "\n\n".join(paragraphs)  # all of it, in order, split at paragraphs
+    prompts = general_prompts(4, path=str(path))
+    assert len(prompts) == 4 and all(p.startswith("Paragraph") for p in prompts)
+    with pytest.raises(ValueError, match=r"between 1 and 12 \(prose paragraphs of 120\+ characters in"):
+        general_prompts(13, path=str(path))
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        general_texts(path=str(tmp_path / "bad.txt"))
+    with pytest.raises(ValueError, match="does not exist"):
+        general_texts(path=str(tmp_path / "none.txt"))

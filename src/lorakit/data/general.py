@@ -5,22 +5,25 @@ The source is the Python documentation's topic help that ships in the standard l
 identical for everyone using the same Python. None of it is in any lorakit training set (the
 default task is medical classification), so it is held out from every run: a rise in its
 negative log-likelihood, or a next-token KL from the base model on its prompts, measures what
-fine-tuning forgot. Users who train on Python documentation should pick another held-out text.
+fine-tuning forgot. Users who train on Python documentation pick another held-out text with
+``--forgetting-data FILE`` (their own prose, paragraphs separated by blank lines).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from pydoc_data.topics import topics
 
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
 
 
-def _paragraphs() -> list[str]:
-    """Every paragraph of every topic, topics in sorted order, RST heading rules removed."""
+def _paragraphs(path: str | None = None) -> list[str]:
+    """Every paragraph of every topic, topics in sorted order, RST heading rules removed; or of the
+    user's own text file `path` (paragraphs separated by blank lines)."""
     paragraphs: list[str] = []
-    for key in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[key]):
+    for text in [_read_text(path)] if path else [topics[key] for key in sorted(topics)]:
+        for block in re.split(r"\n\s*\n", text):
             lines = [line for line in block.splitlines() if not _HEADING_RULE.match(line.strip())]
             text = "\n".join(lines).strip("\n")
             if text.strip():
@@ -28,7 +31,22 @@ def _paragraphs() -> list[str]:
     return paragraphs
 
 
-def general_texts(chunk_chars: int = 2000) -> list[str]:
+def _read_text(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--forgetting-data {path} does not exist (a UTF-8 text file of general prose)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--forgetting-data {path} is not UTF-8 text (byte at offset {err.start}); save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"--forgetting-data {path} is empty")
+    return text
+
+
+def general_texts(chunk_chars: int = 2000, path: str | None = None) -> list[str]:
     """Deterministic chunks of the held-out text, each at most about ``chunk_chars`` characters.
 
     Chunks are whole paragraphs joined by blank lines (a longer paragraph is split between
@@ -39,7 +57,7 @@ def general_texts(chunk_chars: int = 2000) -> list[str]:
     chunks: list[str] = []
     current: list[str] = []
     size = 0
-    for piece in _pieces(chunk_chars):
+    for piece in _pieces(chunk_chars, path):
         if current and size + len(piece) > chunk_chars:
             chunks.append("\n\n".join(current))
             current, size = [], 0
@@ -50,10 +68,10 @@ def general_texts(chunk_chars: int = 2000) -> list[str]:
     return chunks
 
 
-def _pieces(chunk_chars: int) -> list[str]:
+def _pieces(chunk_chars: int, path: str | None) -> list[str]:
     """Paragraphs, with any paragraph longer than ``chunk_chars`` cut into runs of whole lines."""
     pieces: list[str] = []
-    for paragraph in _paragraphs():
+    for paragraph in _paragraphs(path):
         if len(paragraph) <= chunk_chars:
             pieces.append(paragraph)
             continue
@@ -77,14 +95,16 @@ def _is_prose(paragraph: str) -> bool:
     )
 
 
-def general_prompts(n: int, max_chars: int = 200) -> list[str]:
-    """``n`` short prose prompts spread evenly over all topics, for a next-token KL measure.
-
-    Each is the start of a prose paragraph, cut at a word boundary to at most ``max_chars``.
-    """
-    prose = [" ".join(p.split()) for p in _paragraphs() if _is_prose(p)]
+def general_prompts(n: int, max_chars: int = 200, path: str | None = None) -> list[str]:
+    """``n`` short prose prompts spread evenly over all topics (or the file `path`), for a
+    next-token KL measure. Each is the start of a prose paragraph, cut at a word boundary to at most
+    ``max_chars``."""
+    prose = [" ".join(p.split()) for p in _paragraphs(path) if _is_prose(p)]
     if not 0 < n <= len(prose):
-        raise ValueError(f"n must be between 1 and {len(prose)} (prose paragraphs available), got {n}")
+        where = f" in {path}" if path else ""
+        raise ValueError(
+            f"--kl-prompts must be between 1 and {len(prose)} (prose paragraphs of 120+ characters{where}), got {n}"
+        )
     step = len(prose) / n
     picked = [prose[int(i * step)] for i in range(n)]
     return [_cut_at_word(p, max_chars) for p in picked]
