@@ -46,9 +46,9 @@ def _rolled(q, k, v, size):
     split, half = q.shape[1] // 2, size // 2
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    parts = [s2._grouped_causal(q[:, :split], k[:, :split], v[:, :split], size, None, None)]
+    parts = [s2._grouped_causal(q[:, :split], k[:, :split], v[:, :split], size, None)]
     rolled = [torch.roll(x[:, split:], -half, dims=2) for x in (q, k, v)]
-    out = s2._grouped_causal(*rolled, size, None, None)
+    out = s2._grouped_causal(*rolled, size, None)
     parts.append(torch.roll(out, half, dims=2))
     return torch.cat(parts, 1)
 

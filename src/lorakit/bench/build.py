@@ -105,6 +105,10 @@ SCHOOLS = {
     "quantum_k16_l2": lambda: lk.QuantumPEFTConfig(rank=16, layers=2),
     "quantum_k8_l4": lambda: lk.QuantumPEFTConfig(rank=8, layers=4),
     "lora_r1": lambda: lk.LoRAConfig(rank=1, alpha=2, target_modules="all-linear"),
+    # LongLoRA's LoRA (issue 18's cost bench): r=8 on the attention projections
+    "lora_qkvo": lambda: lk.LoRAConfig(
+        rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    ),
 }
 
 

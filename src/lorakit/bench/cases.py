@@ -15,6 +15,7 @@ Adapter = Literal["none", "unmerged", "merged", "merged_unloaded"]
 
 SUITES = ("infer", "train", "quant")
 QUANTUM_METHODS = ("quantum_k8_l2", "quantum_k16_l2", "quantum_k8_l4", "lora_r1")  # see build.SCHOOLS
+LONG_LENGTHS = (1024, 2048, 4096, 8192)
 RANK, ALPHA = 16, 32
 FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
 NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
@@ -47,6 +48,8 @@ class Case:
     batch: int = 1  # infer: rows generated at once (the same prompt repeated)
     checkpointing: bool = False  # train: activation checkpointing per decoder layer (the memory mode)
     compile: str = "off"  # train: prepare_for_training's compile ("on": compiled decoder layers)
+    seq: int = 0  # train: one row of this many tokens instead of TRAIN_BATCH x TRAIN_SEQ
+    attention: str = ""  # train: "" as prepared (lorakit's kernel), "sdpa", or "s2" (LongLoRA's S2-Attn)
 
 
 CASES: tuple[Case, ...] = (
@@ -71,6 +74,24 @@ CASES: tuple[Case, ...] = (
     *(
         Case(f"{method}_bf16", "train", "lorakit", "unmerged", "bf16", "chunked", method=method, extra=True)
         for method in QUANTUM_METHODS
+    ),
+    # LongLoRA's cost (issue 18): one row of N tokens, LoRA r=8 on q/k/v/o, full attention (SDPA and
+    # lorakit's kernel) against S2-Attn: `--cases` with LONG_TRAIN_CASES
+    *(
+        Case(
+            f"lora_qkvo_{kind}_{n}",
+            "train",
+            "lorakit",
+            "unmerged",
+            "bf16",
+            "chunked",
+            method="lora_qkvo",
+            extra=True,
+            seq=n,
+            attention=attention,
+        )  # fmt: skip
+        for n in LONG_LENGTHS
+        for kind, attention in (("sdpa", "sdpa"), ("kernel", ""), ("s2", "s2"))
     ),
     # the other schools (issue 7), batch 1 and 8: `--cases` with SCHOOL_CASES, see docs/methods/schools.md
     *(
@@ -190,6 +211,11 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
             for m in ("adapter_houlsby", "adapter_pfeiffer", "prompt", "prefix", "norm", "full")
         ),
         *((f"{m}_bf16", "lora_bf16") for m in QUANTUM_METHODS),
+        *(
+            (f"lora_qkvo_{a}_{n}", f"lora_qkvo_{b}_{n}")
+            for n in LONG_LENGTHS
+            for a, b in (("s2", "sdpa"), ("s2", "kernel"), ("kernel", "sdpa"))
+        ),
         ("qlora_emb_bf16", "qlora_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
@@ -251,6 +277,7 @@ SCHOOL_TRAIN_CASES = (
 )
 
 QUANTUM_TRAIN_CASES = ("lora_bf16", *(f"{m}_bf16" for m in QUANTUM_METHODS))
+LONG_TRAIN_CASES = tuple(f"lora_qkvo_{k}_{n}" for n in LONG_LENGTHS for k in ("sdpa", "kernel", "s2"))
 
 
 def find_case(name: str) -> Case:

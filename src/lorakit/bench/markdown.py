@@ -62,18 +62,19 @@ def _infer_table(cases: dict[str, dict[str, Any]]) -> str:
 
 def _train_table(cases: dict[str, dict[str, Any]]) -> str:
     rows = [
-        f"| case | dtype | loss | s/step ({TRAIN_BATCH}x{TRAIN_SEQ}) | range (s) | per round (s) "
+        "| case | dtype | loss | batch | s/step | range (s) | per round (s) "
         "| tokens/s | peak RSS (MB) | peak RSS of the steps (MB) | trainable params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
         if "error" in r:
-            rows.append(f"| {name} | failed | | | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | | | |")
             continue
         st = r["step"]
         steps_rss = f"{r['step_peak_rss_mb']:.0f}" if r.get("step_peak_rss_mb") else ""
+        batch = "x".join(map(str, r.get("batch", (TRAIN_BATCH, TRAIN_SEQ))))
         rows.append(
-            f"| {name} | {r['dtype']} | {r['loss']} | {st['median_s']:.2f} | {_range(st, 1, 2)} "
+            f"| {name} | {r['dtype']} | {r['loss']} | {batch} | {st['median_s']:.2f} | {_range(st, 1, 2)} "
             f"| {_per_round(st, 1, 2)} | {st['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {steps_rss} "
             f"| {r['trainable_params']:,} |"
         )

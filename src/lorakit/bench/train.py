@@ -42,7 +42,15 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
 
             enable_activation_checkpointing(model)
             prepared.append("activation checkpointing per decoder layer")
-    ids = _batch(model)
+    if case.attention == "s2":  # LongLoRA's shifted sparse attention (training only)
+        from lorakit.train.s2_attention import use_s2_attention
+
+        use_s2_attention(model)
+        prepared.append("attention: lorakit_s2 (shifted sparse, groups of N/4)")
+    elif case.attention:
+        model.set_attn_implementation(case.attention)
+        prepared.append(f"attention: {case.attention}")
+    ids = _batch(model, case.seq)
     loss_fn, loss_name = _loss_fn(case.loss)
     params = [p for p in model.parameters() if p.requires_grad]
     if case.library == "lorakit":  # the trainer's AdamW (fused where torch has the kernel)
@@ -80,11 +88,13 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
     return result
 
 
-def _batch(model: nn.Module) -> Tensor:
-    """A fixed pseudo-random (TRAIN_BATCH, TRAIN_SEQ) batch; timing does not depend on the text."""
+def _batch(model: nn.Module, seq: int = 0) -> Tensor:
+    """A fixed pseudo-random (TRAIN_BATCH, TRAIN_SEQ) batch, or one row of `seq` tokens; timing does
+    not depend on the text."""
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(4321)
-    return torch.randint(0, vocab, (TRAIN_BATCH, TRAIN_SEQ), generator=generator)
+    shape = (1, seq) if seq else (TRAIN_BATCH, TRAIN_SEQ)
+    return torch.randint(0, vocab, shape, generator=generator)
 
 
 def _autocast(dtype: str) -> contextlib.AbstractContextManager[Any]:

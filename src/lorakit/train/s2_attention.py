@@ -12,10 +12,9 @@ only the mask changes.
 The authors' roll-based code (rolling the shifted heads' tokens by G/2 and attending in groups) lets
 the first half-group see the last one, i.e. the future; `tests/train/test_s2_attention.py` keeps
 that variant as the negative control of the causality test. Here the unshifted heads run as N/G
-independent causal sequences of G tokens, and the shifted heads as N/G + 1 such sequences over the
-tokens with G/2 blank slots put before and after (the blanks are never attended to by a real token,
-and their outputs are dropped), so attention costs N^2/4 of dense at ratio 1/4 and no N x N mask is
-ever built.
+independent causal sequences of G tokens, and the shifted heads as a causal half-group at each end
+and N/G - 1 causal groups between them, so every piece takes SDPA's is_causal path, attention costs
+N^2/4 of dense at ratio 1/4, and no mask is ever built.
 
 It is registered with transformers as the attention implementation "lorakit_s2" and applies only in
 training (`module.training`), without a cache and with whole groups (N divisible by G, G even):
@@ -77,18 +76,12 @@ def _repeat_kv(x: Tensor, heads: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _grouped_causal(
-    q: Tensor, k: Tensor, v: Tensor, size: int, scale: float | None, mask: Tensor | None
-) -> Tensor:
+def _grouped_causal(q: Tensor, k: Tensor, v: Tensor, size: int, scale: float | None) -> Tensor:
     """Causal attention within consecutive groups of `size` tokens: (B, h, L, D) with L % size == 0."""
     b, h, length, d = q.shape
     shape = (b, h, length // size, size, d)
     q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(b, h, length, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).reshape(b, h, length, d)
 
 
 def s2_attention(query: Tensor, key: Tensor, value: Tensor, size: int, scale: float | None = None) -> Tensor:
@@ -98,15 +91,17 @@ def s2_attention(query: Tensor, key: Tensor, value: Tensor, size: int, scale: fl
     split, half = heads_split(heads), size // 2
     parts = []
     if split:
-        parts.append(_grouped_causal(query[:, :split], key[:, :split], value[:, :split], size, scale, None))
-    # shifted heads: G/2 blank slots on both ends make N + G tokens, N/G + 1 whole groups
-    q, k, v = (F.pad(x[:, split:], (0, 0, half, half)) for x in (query, key, value))
-    causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
-    first = causal.clone()
-    first[half:, :half] = False  # real tokens of group 0 never see the blanks before them
-    mask = torch.stack([first] + [causal] * (length // size))  # (N/G + 1, G, G); blanks see themselves
-    shifted = _grouped_causal(q, k, v, size, scale, mask)
-    parts.append(shifted[:, :, half : half + length])
+        parts.append(_grouped_causal(query[:, :split], key[:, :split], value[:, :split], size, scale))
+    # shifted heads: the half-group [0, G/2), the whole groups [G/2 + kG, 3G/2 + kG), the half-group
+    # [N - G/2, N); each a causal attention of its own, so every call takes SDPA's is_causal path
+    q, k, v = query[:, split:], key[:, split:], value[:, split:]
+    pieces = [_grouped_causal(q[:, :, :half], k[:, :, :half], v[:, :, :half], half, scale)]
+    if length > size:
+        middle = slice(half, length - half)
+        pieces.append(_grouped_causal(q[:, :, middle], k[:, :, middle], v[:, :, middle], size, scale))
+    tail = slice(length - half, length)
+    pieces.append(_grouped_causal(q[:, :, tail], k[:, :, tail], v[:, :, tail], half, scale))
+    parts.append(torch.cat(pieces, dim=2))
     return torch.cat(parts, dim=1)
 
 
