@@ -77,11 +77,18 @@ def _repeat_kv(x: Tensor, heads: int) -> Tensor:
 
 
 def _grouped_causal(q: Tensor, k: Tensor, v: Tensor, size: int, scale: float | None) -> Tensor:
-    """Causal attention within consecutive groups of `size` tokens: (B, h, L, D) with L % size == 0."""
+    """Causal attention within consecutive groups of `size` tokens: (B, h, L, D) with L % size == 0.
+    The groups are folded into the batch, (B * L/size, h, size, D): SDPA's fused CPU kernel takes 4-D
+    input only, and a 5-D call falls back to the math path, which keeps every group's probabilities
+    for backward (4x slower and about twice the step's memory at N = 4096 in a one-off timing)."""
     b, h, length, d = q.shape
-    shape = (b, h, length // size, size, d)
-    q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).reshape(b, h, length, d)
+    n = length // size
+
+    def fold(x: Tensor) -> Tensor:
+        return x.reshape(b, h, n, size, d).transpose(1, 2).reshape(b * n, h, size, d)
+
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, scale=scale)
+    return out.reshape(b, n, h, size, d).transpose(1, 2).reshape(b, h, length, d)
 
 
 def s2_attention(query: Tensor, key: Tensor, value: Tensor, size: int, scale: float | None = None) -> Tensor:
