@@ -246,3 +246,23 @@ def test_norm_outputs_are_cast_once_under_autocast(tiny) -> None:
         assert norm(x).dtype == torch.bfloat16
     assert norm(x).dtype == torch.float32  # outside autocast: unchanged
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_long_sequences_go_to_sdpa(monkeypatch) -> None:
+    """From LONG queries on, training attention is SDPA's (the kernel is slower there, longlora.md)."""
+    from types import SimpleNamespace
+
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from lorakit.train import attention
+
+    calls = []
+    real = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(
+        sdpa, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape[2]) or real(*a, **k)
+    )
+    module = SimpleNamespace(training=True, is_causal=True, num_key_value_groups=1)
+    for length in (attention.LONG - 1, attention.LONG):
+        q, k, v = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(3))
+        attention.attention_forward(module, q, k, v, None)
+    assert calls == [attention.LONG]
