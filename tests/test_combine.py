@@ -30,7 +30,14 @@ def _folder(tmp: Path, name: str, rank: int, alpha: float, seed: int, **config: 
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, IN, generator=gen)
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(OUT, rank, generator=gen)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    body = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": "m", **config}
+    body = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj", "down_proj"],
+        "base_model_name_or_path": "m",
+        **config,
+    }
     (folder / "adapter_config.json").write_text(json.dumps(body))
     return folder
 
@@ -240,7 +247,9 @@ def test_bad_inputs_are_refused_before_anything_is_written(three: list[Path], tm
         },
         str(wide / "adapter_model.safetensors"),
     )
-    (wide / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (wide / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]})
+    )
     _refused(tmp_path, "different models", [three[0], wide])
     saved = _folder(tmp_path, "saved", 2, 2.0, 8)
     t = {"base_model.model.lm_head.modules_to_save.default.weight": torch.ones(3, 3)}

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .core.io import atomic_folder
-from .core.state import AdapterLoadError, read_adapter_folder, write_adapter_folder
+from .core.state import PREFIX, AdapterLoadError, read_adapter_folder, write_adapter_folder
 from .methods.lora import LoRAConfig
 
 COMBINATIONS = ("linear", "svd", "ties", "dare_linear", "dare_ties")
@@ -78,7 +78,7 @@ def read_source(path: str | os.PathLike, allow_alora: bool = False) -> Source:
     kind = config.get("peft_type")
     if kind != "LORA":
         hint = " (write it as LoRA first: lorakit export --adapter ...)" if kind == "QUANTUM_PEFT" else ""
-        raise AdapterLoadError(f"{path}: merge-adapters combines LoRA adapters; this one is {kind}{hint}")
+        raise AdapterLoadError(f"{path} is a {kind} adapter; only LoRA folders are read here{hint}")
     if config.get("use_dora"):
         raise AdapterLoadError(
             f"{path} is a DoRA adapter: its change depends on the base weight's norms, so it is not a "
@@ -89,18 +89,24 @@ def read_source(path: str | os.PathLike, allow_alora: bool = False) -> Source:
             f"{path} is an aLoRA adapter: it acts only from its invocation on, and a combined LoRA "
             "would act on every token; combine it with other aLoRA adapters at run time instead"
         )
+    try:  # lorakit's own reading of the config: alpha/rank patterns, rsLoRA, unsupported options
+        lora = LoRAConfig.from_peft_dict(config)
+    except ValueError as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
     sides: dict[str, dict[str, Tensor]] = {}
+    embedding: set[str] = set()
     for key, tensor in tensors.items():
-        match = _KEY.match(key.removeprefix("base_model.model."))
+        match = _KEY.match(key.removeprefix(PREFIX))
         if match is None:
             raise AdapterLoadError(
                 f"{path}: tensor {key} is not a LoRA factor (modules_to_save, biases and trainable "
                 "tokens cannot be combined); remove it or merge that adapter into the model instead"
             )
-        sides.setdefault(match["module"], {})[match["side"].replace("embedding_", "")] = tensor
-    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+        side = match["side"]
+        if "embedding" in side:
+            embedding.add(match["module"])
+        sides.setdefault(match["module"], {})[side.replace("embedding_", "")] = tensor
     factors: dict[str, tuple[Tensor, Tensor, float]] = {}
-    embedding = {m.removeprefix("base_model.model.") for m in _embedding_modules(tensors)}
     for module, pair in sides.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterLoadError(
@@ -111,25 +117,10 @@ def read_source(path: str | os.PathLike, allow_alora: bool = False) -> Source:
         r = a.shape[0]
         if b.shape[1] != r:
             raise AdapterLoadError(f"{path}: {module}'s lora_A has rank {r} but lora_B {b.shape[1]}")
-        alpha = float(_pattern(config.get("alpha_pattern") or {}, module, default_alpha))
-        scale = alpha / (r**0.5 if config.get("use_rslora") else r)
-        factors[module] = (b, a, scale)
+        factors[module] = (b, a, lora.scaling(r, float(lora.rank_alpha(module)[1])))
     if not factors:
         raise AdapterLoadError(f"{path} holds no LoRA factors")
     return Source(str(path), config, factors, embedding)
-
-
-def _embedding_modules(tensors: dict[str, Tensor]) -> set[str]:
-    return {k.rsplit(".lora_embedding_", 1)[0] for k in tensors if ".lora_embedding_" in k}
-
-
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha patterns: a key applies to a module whose name is it or ends with '.' + it
-    (a regular expression)."""
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
 
 
 def _check_compatible(sources: list[Source]) -> None:
@@ -303,8 +294,8 @@ def merge_adapters(
             if module in embedding
             else ("lora_A.weight", "lora_B.weight")
         )
-        tensors[f"base_model.model.{module}.{a_key}"] = a.float().contiguous()
-        tensors[f"base_model.model.{module}.{b_key}"] = b.float().contiguous()
+        tensors[f"{PREFIX}{module}.{a_key}"] = a.float().contiguous()
+        tensors[f"{PREFIX}{module}.{b_key}"] = b.float().contiguous()
     config = LoRAConfig(rank=rank, alpha=rank).to_peft_dict()
     config.update(
         target_modules=modules,
