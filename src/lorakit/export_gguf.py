@@ -45,14 +45,12 @@ def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, out // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_tensor_base(module: str, arch: str, blocks: int) -> str:
+def gguf_tensor_names(arch: str, blocks: int) -> Any:
+    """gguf's map from transformers module names to llama.cpp tensor names, for `arch`."""
     import gguf
 
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    name = gguf.get_tensor_name_map(arch_enum, blocks).get_name(module)
-    if name is None:
-        raise ValueError(f"{module} has no tensor in llama.cpp's {arch} GGUF layout; it cannot be exported")
-    return name + ".weight"
+    return gguf.get_tensor_name_map(arch_enum, blocks)
 
 
 def export_gguf_adapter(
@@ -78,7 +76,7 @@ def export_gguf_adapter(
         )
     heads = int(base_config.num_attention_heads)
     kv_heads = int(getattr(base_config, "num_key_value_heads", None) or heads)
-    blocks = int(base_config.num_hidden_layers)
+    names = gguf_tensor_names(arch, int(base_config.num_hidden_layers))
     first_rank = next(iter(source.factors.values()))[1].shape[0]
     alpha = float(first_rank)  # with alpha = r, a plain LoRA module's B is written as it is scaled by s
     tensors: list[tuple[str, np.ndarray]] = []
@@ -88,7 +86,12 @@ def export_gguf_adapter(
         leaf = module.rsplit(".", 1)[-1]
         if permuted and leaf in ("q_proj", "k_proj"):
             b = permute_rows(b, heads if leaf == "q_proj" else kv_heads)
-        name = gguf_tensor_base(module, arch, blocks)
+        name = names.get_name(module)
+        if name is None:
+            raise ValueError(
+                f"{module} has no tensor in llama.cpp's {arch} GGUF layout; it cannot be exported"
+            )
+        name += ".weight"
         if module in source.embedding:  # llama.cpp reads token_embd's lora_a transposed
             a = a.T
         tensors += [(name + ".lora_a", a.float().numpy()), (name + ".lora_b", b.float().numpy())]
