@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.io import atomic_folder
 from .core.kvcache import cache_argument, output_cache
+from .train.evaluate import chat_prompt_ids
 
 Messages = list[dict[str, str]]
 HELP = "lorakit chat: /reset starts a new conversation, /exit (or Ctrl-D) quits"
@@ -30,9 +31,8 @@ def stream_chat(
     An own decode loop with the KV cache rather than ``generate`` in a thread: no thread to leak
     when the caller stops early, and errors surface in the caller. Stops at eos.
     """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     device = next(model.parameters()).device
-    step = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+    step = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=device)
     stop = stop_ids(model, tokenizer)
     past, reply, shown = None, [], ""
     cache_name = cache_argument(model)

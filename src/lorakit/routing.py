@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .core.io import atomic_folder
 from .core.model import disable_adapters, registry, weighted
+from .train.evaluate import chat_prompt_ids
 
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 MODES = ("pick", "weights")
@@ -45,8 +46,7 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if messages and messages[-1].get("role") == "assistant":
         messages = messages[:-1]  # a training conversation: route on what comes before the answer
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_prompt_ids(tokenizer, messages)
 
 
 @torch.no_grad()
@@ -194,7 +194,7 @@ def train_router(
     adapters: dict[str, str],
     layer: int | None = None,
     steps: int = 300,
-    lr: float = 0.5,
+    lr: float = 0.05,
     weight_decay: float = 1e-3,
     mode: str = "pick",
 ) -> TaskRouter:
@@ -219,7 +219,7 @@ def train_router(
     x = (features - mean) / std
     weight = torch.zeros(len(names), x.shape[1], requires_grad=True)
     bias = torch.zeros(len(names), requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=lr * 0.1)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()

@@ -66,7 +66,7 @@ def generate_answers(
     Batches are left-padded (so every row's last prompt token sits at the same column) and built
     from prompts sorted by length (less padding); the results equal one-by-one greedy decoding.
     """
-    encoded = [_chat_ids(tokenizer, p) for p in prompts]
+    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(
@@ -345,7 +345,8 @@ def _left_pad(
     return ids.to(device), mask.to(device)
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
+    """The tokens generation starts from: the chat template up to the assistant's header."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
