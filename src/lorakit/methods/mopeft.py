@@ -71,7 +71,9 @@ class MoPEFTConfig:
     placement: str = "houlsby"
     activation: str = "relu"
     pooling: str = "token"
-    _paths: dict[str, set[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _paths: dict[str, tuple[Any, set[str]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     peft_type: ClassVar[str] = "MOPEFT"  # lorakit's own: PEFT has no mixture of method types
     default_lr: ClassVar[float] = 1e-3
@@ -111,19 +113,15 @@ class MoPEFTConfig:
         """Each expert's own targets (core.inject asks for them); the layers that get a mixture are
         their union, in model order."""
         self._paths = {
-            name: set(find_targets(model, c.target_modules, self.exclude_modules))
-            for name, c in self.expert_configs().items()
+            name: (config, set(find_targets(model, config.target_modules, self.exclude_modules)))
+            for name, config in self.expert_configs().items()
         }
-        union = set().union(*self._paths.values())
+        union = set().union(*(paths for _, paths in self._paths.values()))
         return [p for p in find_targets(model, "all-linear") if p in union]
 
     def build(self, layer: AdaptedLayer, path: str) -> Delta:
-        if layer.adapters and "adapter" in self.experts and path in self._paths.get("adapter", ()):
-            raise ValueError(
-                f"{path} already holds adapter(s) {list(layer.adapters)}; the mixture's bottleneck "
-                "expert reads the layer's output and must be alone there"
-            )
-        here = {n: c.build(layer, path) for n, c in self.expert_configs().items() if path in self._paths[n]}
+        # each expert's own build refuses what it cannot sit beside (a bottleneck adapter: any other)
+        here = {n: config.build(layer, path) for n, (config, paths) in self._paths.items() if path in paths}
         return MixtureDelta(layer, here, self)
 
     def training_hooks(self, model: nn.Module, adapter_name: str) -> TrainingHooks | None:
