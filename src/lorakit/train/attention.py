@@ -219,12 +219,19 @@ def attention_forward(
         )
     if query.shape[2] > 1 and attention_mask is None and key.shape[2] < query.shape[2]:
         raise ValueError("attention without a mask needs at least as many keys as queries")
-    device = query.device.type
-    if torch.is_autocast_enabled(device):  # as SDPA under autocast: rotary embeddings made q, k fp32
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    query, key, value = autocast_inputs(query, key, value)
     out = grouped_attention(query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def autocast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in the autocast dtype when autocast is on, as SDPA casts them (rotary embeddings made
+    q and k fp32)."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 def _eager_of(module: nn.Module) -> Any:

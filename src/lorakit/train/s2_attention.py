@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import autocast_inputs, register_attention
+
 NAME = "lorakit_s2"
 DEFAULT_RATIO = 0.25
 RATIO_ATTRIBUTE = "lorakit_s2_group_ratio"  # on the model config; set by `use_s2_attention`
@@ -61,7 +63,7 @@ def heads_split(heads: int) -> int:
 
 
 def s2_mask(length: int, heads: int, size: int, device: Any = None) -> Tensor:
-    """The rule as a dense (H, N, N) bool mask: the reference the fast path is tested against."""
+    """The rule as a dense (H, N, N) bool mask (padded batches; the fast path builds none)."""
     t = torch.arange(length, device=device)
     plain, shifted = t // size, (t + size // 2) // size
     causal = t[None, :] <= t[:, None]
@@ -133,10 +135,7 @@ def attention_forward(
         )
     ratio = float(getattr(module.config, RATIO_ATTRIBUTE, DEFAULT_RATIO))
     size = group_size(length, ratio)
-    device = query.device.type
-    if torch.is_autocast_enabled(device):  # rotary embeddings made q, k fp32; SDPA would cast too
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    query, key, value = autocast_inputs(query, key, value)
     if attention_mask is None:
         out = s2_attention(query, key, value, size, scaling)
     else:  # padding: the group rule and the padding mask together, dense
@@ -155,8 +154,6 @@ def attention_forward(
 
 def register() -> str:
     """Register S2-Attn (and SDPA's mask format, so padded batches get a mask) with transformers."""
-    from .attention import register_attention
-
     return register_attention(NAME, attention_forward)
 
 
