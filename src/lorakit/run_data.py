@@ -34,14 +34,15 @@ def read_data(cfg: RunConfig, seed: int, say: Any = log.info) -> tuple[list[Any]
 
     Held-out items come from --eval-data, else from the built-in task when it is what trains, else
     from a seeded 10% of --data: never from another task than the one trained."""
+    columns = column_map(cfg.columns)
     if cfg.data is None:
         task = load_task(cfg.task, seed=seed)
         train_convs = task.train
-        items = _eval_items(cfg.eval_data, column_map(cfg.columns)) if cfg.eval_data else task.eval
+        items = _eval_items(cfg.eval_data, columns) if cfg.eval_data else task.eval
     else:
-        train_convs = read_examples(cfg.data, column_map(cfg.columns))
+        train_convs = read_examples(cfg.data, columns)
         if cfg.eval_data:
-            items = _eval_items(cfg.eval_data, column_map(cfg.columns))
+            items = _eval_items(cfg.eval_data, columns)
         else:
             train_convs, items = hold_out(train_convs, seed, cfg.data, say)
     return train_convs, items[: cfg.eval_limit] if cfg.eval_limit else items

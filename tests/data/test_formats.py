@@ -142,3 +142,13 @@ def test_lorakit_data_says_the_format(tmp_path: Path, capsys: pytest.CaptureFixt
     path = _jsonl(tmp_path / "s.jsonl", SHAREGPT)
     main(["data", "--data", str(path), "--model", str(base), "--show", "1"])
     assert f"{path}: JSONL, sharegpt records, 2 conversations" in capsys.readouterr().out
+
+
+def test_a_csv_field_may_span_lines(tmp_path: Path) -> None:
+    path = tmp_path / "multi.csv"
+    path.write_text('prompt,completion\n"Two lines:\nfirst and second",ok\n3+3?,6\n', encoding="utf-8")
+    got = read_examples(path)
+    assert got[0][0]["content"] == "Two lines:\nfirst and second" and got[1][1]["content"] == "6"
+    path.write_text('prompt,completion\n"a\nb",ok\n"broken\n', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"multi.csv, line 4"):
+        read_examples(path)

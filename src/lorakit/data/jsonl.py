@@ -23,6 +23,7 @@ tokenisation or training starts.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _csv(path: Path) -> Iterator[tuple[str, Any]]:
     text = _text(path.read_bytes(), path, "the file").lstrip("\ufeff")
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may span lines
     for row in reader:
         yield (
             f"line {reader.line_num}",

@@ -40,7 +40,9 @@ class TensorBoardLog:
     resumed run appends a new event file; TensorBoard shows the later value of a repeated step."""
 
     def __init__(self, folder: Path) -> None:
-        self.writer = tensorboard_writer()(str(folder))
+        from torch.utils.tensorboard import SummaryWriter  # TrainConfig checked the package is there
+
+        self.writer = SummaryWriter(str(folder))
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record.get("step", 0))
@@ -55,18 +57,6 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def tensorboard_writer() -> Any:
-    """torch's SummaryWriter, or a clear error when the tensorboard package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError(
-            "--report-to tensorboard needs the tensorboard package: pip install tensorboard "
-            "(or 'lorakit[tensorboard]'); log.jsonl is written either way"
-        ) from None
-    return SummaryWriter
 
 
 def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
