@@ -154,6 +154,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     config_file = Path(args.adapter) / "adapter_config.json"
     peft_type = json.loads(config_file.read_text()).get("peft_type") if config_file.is_file() else None
+    if args.format == "peft" and peft_type == "LORA":  # LoRA and aLoRA: from the folder alone
+        from .combine import portable_lora
+
+        out = portable_lora(args.adapter, args.out)
+        print(f"wrote {out}: the same change with its scale folded into B, one rank and lora_alpha = r")
+        return
     model, _ = api_load(args.model)
     if args.format == "peft":
         _load_as_trained(model, args.adapter)
@@ -172,6 +178,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         out = export_gguf_adapter(lora, args.out, model.config, args.outtype)
     print(
         f"wrote a llama.cpp adapter GGUF to {out} (llama-cli -m BASE.gguf --lora {out}; Ollama: ADAPTER {out})"
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    import json
+
+    from .serving import as_json, check_folder, format_verdicts
+
+    features, results = check_folder(args.adapter)
+    print(
+        json.dumps(as_json(features, results), indent=2) if args.json else format_verdicts(features, results)
     )
 
 
@@ -374,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "export",
         cmd_export,
-        "write an adapter for serving: a plain PEFT LoRA folder (Quantum-PEFT) or a llama.cpp GGUF",
+        "write an adapter for serving: a plain PEFT LoRA folder every server reads alike, or a llama.cpp GGUF",
     )
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
@@ -383,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="gguf: tensor type"
     )
+
+    p = command(
+        "check",
+        cmd_check,
+        "say whether vLLM, SGLang, llama.cpp and Ollama serve an adapter as trained, and what to change",
+    )
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (lorakit or PEFT)")
+    p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
 
     from .combine import COMBINATIONS, MAJORITY_SIGN
 

@@ -275,9 +275,9 @@ def merge_adapters(
     rank = full_rank if rank is None else rank
     if rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    tensors: dict[str, Tensor] = {}
     report = MergeReport(Path(out), rank, combination, weights)
     embedding = set().union(*(s.embedding for s in sources))
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
     for module in modules:
         b, a, residual = combine_module(
             [s.factors.get(module) for s in sources],
@@ -289,18 +289,7 @@ def merge_adapters(
             _generator(seed, module),
         )
         report.residual[module] = residual
-        a_key, b_key = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if module in embedding
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        tensors[f"{PREFIX}{module}.{a_key}"] = a.float().contiguous()
-        tensors[f"{PREFIX}{module}.{b_key}"] = b.float().contiguous()
-    config = LoRAConfig(rank=rank, alpha=rank).to_peft_dict()
-    config.update(
-        target_modules=modules,
-        base_model_name_or_path=sources[0].config.get("base_model_name_or_path"),
-    )
+        factors[module] = (b, a)
     provenance = {
         "adapters": [s.path for s in sources],
         "weights": weights,
@@ -312,5 +301,55 @@ def merge_adapters(
         "max_residual": report.max_residual,
     }
     extra = {"lorakit_merge.json": json.dumps(provenance, indent=2) + "\n"}
-    atomic_folder(Path(out), lambda tmp: write_adapter_folder(tmp, tensors, config, extra))
+    write_lora(
+        out,
+        factors,
+        embedding,
+        {"base_model_name_or_path": sources[0].config.get("base_model_name_or_path")},
+        extra,
+    )
     return report
+
+
+def write_lora(
+    out: str | os.PathLike,
+    factors: dict[str, tuple[Tensor, Tensor]],
+    embedding: set[str],
+    config_extra: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write per-module (B, A) with scale 1 as a PEFT LoRA folder of one rank (the largest; smaller
+    modules zero-padded, which changes nothing) and lora_alpha = r: the form every server reads the
+    same way (no rsLoRA, no per-module patterns, an integer alpha)."""
+    rank = max(a.shape[0] for _, a in factors.values())
+    tensors: dict[str, Tensor] = {}
+    for module, (b, a) in factors.items():
+        pad = rank - a.shape[0]
+        if pad:
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])], 0)
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if module in embedding
+            else ("lora_A.weight", "lora_B.weight")
+        )
+        tensors[f"{PREFIX}{module}.{a_key}"] = a.float().contiguous()
+        tensors[f"{PREFIX}{module}.{b_key}"] = b.float().contiguous()
+    config = LoRAConfig(rank=rank, alpha=rank).to_peft_dict()
+    config.update(target_modules=sorted(factors), **config_extra)
+    atomic_folder(Path(out), lambda tmp: write_adapter_folder(tmp, tensors, config, extra_files))
+    return Path(out)
+
+
+def portable_lora(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The LoRA (or aLoRA) folder `adapter` rewritten with each module's scale folded into B, one
+    rank and lora_alpha = r (`write_lora`): the same change, read alike by PEFT, vLLM, SGLang and
+    Ollama, whatever rsLoRA, alpha/rank patterns or a non-integer alpha the original used."""
+    source = read_source(adapter, allow_alora=True)
+    factors = {m: (b * scale, a) for m, (b, a, scale) in source.factors.items()}
+    keep = {
+        k: source.config[k]
+        for k in ("base_model_name_or_path", "alora_invocation_tokens")
+        if source.config.get(k) is not None
+    }
+    return write_lora(out, factors, source.embedding, keep)

@@ -24,6 +24,7 @@ from .models import load_tokenizer
 from .options import RunConfig, method_config, optimizer_groups
 from .run_data import EvalData, build_data, read_data
 from .run_eval import base_scores, eval_autocast, evaluate_merged, format_table
+from .serving import train_warnings
 from .train import TrainConfig, Trainer
 from .train import evaluate as ev
 from .train.checkpoint import refuse_existing_run
@@ -59,6 +60,8 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     conversations = read_data(cfg, train_cfg.seed, say)
     tokenizer = load_tokenizer(cfg.model)
     method = method_config(cfg, tokenizer, train_cfg.seed)
+    for line in train_warnings(method):
+        say(line)
     train, data = build_data(cfg, tokenizer, conversations)
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"

@@ -104,16 +104,21 @@ def save_as_lora(
         raise ValueError(
             f"{type(deltas[0][2]).__name__} has no LoRA form (e.g. {missing[0]}); nothing was written"
         )
-    tensors, rank = {}, None
+    pairs = {}
     for path, layer, delta in deltas:
-        a, b = delta.as_lora()
         if _stores_in_out(layer):
             raise ValueError(
                 f"{path} stores its weight as (in, out) (GPT-2 Conv1D); export it from a Linear model"
             )
-        rank = a.shape[0]
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
+        pairs[path] = delta.as_lora()
+    rank = max(1, *(a.shape[0] for a, _ in pairs.values()))  # smaller ones zero-padded: the same change
+    tensors = {}
+    for path, (a, b) in pairs.items():
+        pad = rank - a.shape[0]
+        a = torch.cat([a.detach(), a.new_zeros(pad, a.shape[1])]) if pad else a.detach()
+        b = torch.cat([b.detach(), b.new_zeros(b.shape[0], pad)], 1) if pad else b.detach()
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = a.to("cpu", torch.float32).contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous()
     config = {**lora_config(rank), "target_modules": _target_list(model, [p for p, _, _ in deltas])}
     out = Path(out_dir)
     atomic_folder(out, lambda tmp: write_adapter_folder(tmp, tensors, config))

@@ -204,6 +204,11 @@ class AdaLoRADelta(Delta):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()))  # (out, in)
 
+    def as_lora(self) -> tuple[Tensor, Tensor]:
+        """The kept triplets as a LoRA pair: A = s diag(E) Q (r, in), B = P (out, r)."""
+        keep = self.mask
+        return (self.scale * self.lora_A * self.lora_E)[keep].detach(), self.lora_B[:, keep].detach()
+
     def merged_weight(self, weight: Tensor) -> Tensor:
         return weight + self.delta_weight()
 
