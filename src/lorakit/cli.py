@@ -168,17 +168,49 @@ def cmd_export(args: argparse.Namespace) -> None:
             f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)"
         )
         return
-    from .export_gguf import export_gguf_adapter
+    from .export_gguf import export_gguf_adapter, export_merged_gguf, ollama_modelfile
+    from .models import source_gguf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        lora = args.adapter
-        if peft_type not in ("LORA", None):  # a fixed low-rank change (Quantum-PEFT): its LoRA form first
-            _load_as_trained(model, args.adapter)
-            lora = str(api.export_lora(model, Path(tmp) / "lora"))
-        out = export_gguf_adapter(lora, args.out, model.config, args.outtype)
-    print(
-        f"wrote a llama.cpp adapter GGUF to {out} (llama-cli -m BASE.gguf --lora {out}; Ollama: ADAPTER {out})"
+    base_gguf = Path(args.base_gguf) if args.base_gguf else source_gguf(args.model)
+    out = Path(args.out)
+    if args.merged:
+        if base_gguf is None:
+            raise ValueError(
+                "a merged GGUF keeps the base's own GGUF metadata (tokenizer, chat template): give "
+                "--base-gguf FILE, or write the merged folder (lorakit merge) and convert it with "
+                "llama.cpp's convert_hf_to_gguf.py"
+            )
+        from .quant.linear import dequantize_model
+
+        _load_as_trained(model, args.adapter)
+        plain = api.merge_and_unload(model)
+        dequantize_model(plain)
+        export_merged_gguf(plain, base_gguf, out, args.outtype or "f16")
+        print(f"wrote the merged model as one GGUF to {out} (llama-cli -m {out})")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            lora = args.adapter
+            if peft_type not in ("LORA", None):  # a fixed low-rank change: its LoRA form first
+                _load_as_trained(model, args.adapter)
+                lora = str(api.export_lora(model, Path(tmp) / "lora"))
+            export_gguf_adapter(lora, out, model.config, args.outtype or "f32")
+        print(f"wrote a llama.cpp adapter GGUF to {out} (llama-cli -m BASE.gguf --lora {out})")
+    if base_gguf is None:
+        print("no Ollama Modelfile: the base is not a GGUF file lorakit knows (give --base-gguf FILE)")
+        return
+    from .core.io import atomic_write
+    from .models import load_tokenizer
+
+    modelfile = Path(args.modelfile) if args.modelfile else out.with_suffix(".Modelfile")
+    text = (
+        ollama_modelfile(load_tokenizer(args.model), f"./{out.name}")
+        if args.merged
+        else ollama_modelfile(load_tokenizer(args.model), str(base_gguf.resolve()), f"./{out.name}")
     )
+    if modelfile.parent.resolve() != out.parent.resolve():  # relative paths are read from its folder
+        text = text.replace(f"./{out.name}", str(out.resolve()))
+    atomic_write(modelfile, lambda tmp: tmp.write_text(text))
+    print(f"wrote {modelfile} (ollama create NAME -f {modelfile})")
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -398,7 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--format", choices=("peft", "gguf"), default="peft")
     p.add_argument(
-        "--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="gguf: tensor type"
+        "--outtype",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        default=None,
+        help="gguf: tensor type (default f32 for an adapter, f16 for --merged)",
+    )
+    p.add_argument(
+        "--merged", action="store_true", help="gguf: the merged model as one GGUF instead of an adapter"
+    )
+    p.add_argument(
+        "--base-gguf",
+        default=None,
+        help="gguf: the GGUF the base model came from (default: the default model's own file)",
+    )
+    p.add_argument(
+        "--modelfile", default=None, help="gguf: where the Ollama Modelfile goes (default: OUT.Modelfile)"
     )
 
     p = command(

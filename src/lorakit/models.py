@@ -111,6 +111,18 @@ def model_folder(path: str | os.PathLike[str] | None = None) -> Path:
     return default_model_cache() if path is None else _check_local_folder(Path(path))
 
 
+def source_gguf(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The GGUF file the model `load_model(path)` reads was converted from (the default model's,
+    or one recorded in a lorakit cache folder), or None for a plain Hugging Face folder."""
+    if path is None:
+        return _default_gguf()
+    try:
+        source = json.loads((Path(path) / _MARKER).read_text()).get("source")
+    except (OSError, ValueError):
+        return None
+    return Path(source) if source and Path(source).is_file() else None
+
+
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer `load_model(path)` returns, without loading the weights."""
     tokenizer = _load_tokenizer(model_folder(path))

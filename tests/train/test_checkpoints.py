@@ -109,6 +109,22 @@ def test_atomic_write_keeps_the_old_file_when_the_new_write_fails(tmp_path) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
+def test_atomic_files_and_folders_get_the_usual_modes(tmp_path) -> None:
+    """mkstemp and mkdtemp make 0600 / 0700; what lorakit writes is readable as any new file is."""
+    import os
+
+    from lorakit.core.io import atomic_folder
+
+    mask = os.umask(0o022)
+    try:
+        ckpt.atomic_write(tmp_path / "a.json", lambda p: p.write_text("{}"))
+        atomic_folder(tmp_path / "folder", lambda p: (p / "x").write_text("x"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+
+
 def trained_folder(tiny, make_config, tmp_path, **overrides) -> Path:
     folder = tmp_path / "run"
     values = {"steps": 2, "checkpoint_every": 2, "output_dir": str(folder), **overrides}

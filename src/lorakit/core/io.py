@@ -22,11 +22,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -58,6 +65,7 @@ def atomic_folder(folder: Path, write: Callable[[Path], None]) -> None:
             if child.is_file():
                 with open(child, "rb+") as handle:
                     os.fsync(handle.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         if folder.is_dir():
             _link_missing(folder, tmp)
         shutil.rmtree(old, ignore_errors=True)
