@@ -200,6 +200,29 @@ def test_bad_data_line_is_a_clean_cli_error(tmp_path) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--replay", "nosuch:0.3"], "neither a built-in source"),
+        (["--replay", "chatterbot:1.5"], r"in \[0, 1\)"),
+        (["--kl-to-base", "0.5", "--method", "full"], "changes its weights in place"),
+        (["--kl-to-base", "-1"], "kl_to_base"),
+    ],
+)
+def test_bad_forgetting_options_fail_before_the_model_loads(tmp_path, options, message) -> None:
+    argv = [
+        "train",
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--model",
+        str(tmp_path / "no-such-model"),
+        *options,
+    ]
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+    assert not (tmp_path / "o").exists()
+
+
 def test_rerun_into_a_finished_run_is_refused_before_loading_anything(tmp_path) -> None:
     (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000002" / "manifest.json").write_text("{}")

@@ -72,6 +72,14 @@ class RunConfig:
             "a UTF-8 text file of general prose to measure forgetting on (default: Python's pydoc topics)"
         ),
     )
+    replay: str | None = field(
+        default=None,
+        metadata=_help(
+            "SOURCE:RATIO: mix general data into every batch against forgetting; SOURCE is chatterbot "
+            "(chatterbot-corpus's English chat, trivia excluded) or a data file, RATIO the share of each "
+            "batch in [0, 1), e.g. chatterbot:0.25"
+        ),
+    )
     columns: str | None = field(
         default=None,
         metadata=_help(
@@ -94,6 +102,13 @@ class RunConfig:
     )
     kl_prompts: int = field(
         default=16, metadata=_help("general prompts for the next-token KL against the base model")
+    )
+    general_questions: int = field(
+        default=120,
+        metadata=_help(
+            "general trivia questions (chatterbot-corpus) scored before and after, a forgetting probe "
+            "that is not perplexity; 0 = off"
+        ),
     )
     skip_eval: bool = field(default=False, metadata=_help("train only; no before/after evaluation"))
     base_eval_cache: bool = field(

@@ -20,9 +20,10 @@ from torch import nn
 from . import api
 from .core.io import atomic_write
 from .data import collate
+from .methods import METHODS
 from .models import load_tokenizer
 from .options import RunConfig, method_config, optimizer_groups
-from .run_data import EvalData, build_data, read_data
+from .run_data import EvalData, build_data, build_replay, read_data, read_replay
 from .run_eval import base_scores, eval_autocast, evaluate_merged, format_table
 from .serving import train_warnings
 from .train import TrainConfig, Trainer
@@ -41,6 +42,7 @@ SCORING_ONLY = (
     "general_tokens",
     "kl_prompts",
     "forgetting_data",
+    "general_questions",
     "skip_eval",
     "base_eval_cache",
     "attention",
@@ -58,11 +60,22 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         refuse_existing_run(out_dir / "checkpoints")
     started = time.perf_counter()
     conversations = read_data(cfg, train_cfg.seed, say)
+    replay_data = read_replay(cfg)
+    if train_cfg.kl_to_base and getattr(METHODS.get(cfg.method), "in_place", False):
+        raise ValueError(
+            f"--kl-to-base needs the base model, and --method {cfg.method} changes its weights in place; "
+            "use an adapter method (lora, dora, ...)"
+        )
     tokenizer = load_tokenizer(cfg.model)
     method = method_config(cfg, tokenizer, train_cfg.seed)
     for line in train_warnings(method):
         say(line)
     train, data = build_data(cfg, tokenizer, conversations)
+    replay = build_replay(cfg, tokenizer, replay_data)
+    if replay is not None:
+        say(
+            f"replay: {len(replay.samples)} samples of {cfg.replay.rpartition(':')[0]}, {replay.ratio:.0%} of each batch"
+        )
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
@@ -85,6 +98,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         eval_fn=_held_out_loss(data, tokenizer) if train_cfg.eval_every and data.answer_samples else None,
         log=say,
         run_options={k: v for k, v in dataclasses.asdict(cfg).items() if k not in SCORING_ONLY},
+        replay=replay,
     )
     result = trainer.train()
     adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]

@@ -4,13 +4,17 @@ loads, then tokenised with the model's chat template."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .data import EvalItem, build_sft_dataset, general_prompts, general_texts, load_task, read_examples
+from .data.general import general_questions
 from .options import RunConfig, column_map
+from .train.batching import Replay
 
 log = logging.getLogger("lorakit")
 
@@ -21,6 +25,7 @@ class EvalData:
     answer_samples: list[Any]
     texts: list[str]
     prompts: list[str]
+    questions: list[EvalItem] = field(default_factory=list)  # the general-question probe
 
 
 # With --data and no --eval-data, this share of the user's conversations is held out for the task
@@ -94,9 +99,8 @@ def build_data(
             cfg.max_length,
         )
     texts = general_texts(path=cfg.forgetting_data)
-    return train, EvalData(
-        items, answers.samples, texts, general_prompts(cfg.kl_prompts, path=cfg.forgetting_data)
-    )
+    prompts = general_prompts(cfg.kl_prompts, path=cfg.forgetting_data)
+    return train, EvalData(items, answers.samples, texts, prompts, general_questions(cfg.general_questions))
 
 
 def _eval_items(path: str, columns: dict[str, str] | None) -> list[EvalItem]:
@@ -108,3 +112,55 @@ def _eval_items(path: str, columns: dict[str, str] | None) -> list[EvalItem]:
             )
         items.append(EvalItem(messages=conv[:-1], reference=conv[-1]["content"]))
     return items
+
+
+REPLAY_SOURCES = ("chatterbot",)
+
+
+def parse_replay(spec: str) -> tuple[str, float]:
+    """`SOURCE:RATIO` -> (source, ratio); the source is a built-in name or a data file."""
+    source, sep, ratio_text = spec.rpartition(":")
+    try:
+        ratio = float(ratio_text)
+    except ValueError:
+        ratio = math.nan
+    if not sep or not source or not math.isfinite(ratio):
+        raise ValueError(
+            f"--replay {spec!r}: expected SOURCE:RATIO, e.g. chatterbot:0.25 or general.jsonl:0.3"
+        )
+    if not 0 <= ratio < 1:
+        raise ValueError(
+            f"--replay {spec!r}: the ratio is the share of each batch replayed, in [0, 1); got {ratio}"
+        )
+    if source not in REPLAY_SOURCES and not Path(source).exists():
+        raise ValueError(
+            f"--replay {spec!r}: {source!r} is neither a built-in source ({', '.join(REPLAY_SOURCES)}) nor an "
+            "existing data file"
+        )
+    return source, ratio
+
+
+def read_replay(cfg: RunConfig) -> tuple[list[Any], float] | None:
+    """The replay conversations and ratio of `--replay`, read before any model loads."""
+    if not cfg.replay:
+        return None
+    source, ratio = parse_replay(cfg.replay)
+    if source == "chatterbot":
+        from .data.tasks import chatterbot_english_chat
+
+        conversations = chatterbot_english_chat()
+    else:
+        conversations = read_examples(source, column_map(cfg.columns))
+    return conversations, ratio
+
+
+def build_replay(cfg: RunConfig, tokenizer: Any, replay: tuple[list[Any], float] | None) -> Replay | None:
+    if replay is None or replay[1] == 0:
+        return None
+    conversations, ratio = replay
+    data = build_sft_dataset(tokenizer, conversations, cfg.max_length, cfg.last_turn_only)
+    if not data.samples:
+        raise ValueError(
+            f"--replay {cfg.replay}: no sample is left after tokenising (all answers truncated?)"
+        )
+    return Replay(data.samples, ratio)

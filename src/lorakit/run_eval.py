@@ -18,6 +18,7 @@ from . import api
 from .core.contract import NotMergeableError
 from .core.io import atomic_write
 from .data import collate, score_exact_match
+from .data.general import answer_contains
 from .options import RunConfig
 from .run_data import EvalData
 from .train import evaluate as ev
@@ -56,11 +57,20 @@ def evaluate(
             "computes non-finite values (diverged weights, or an overflow under bf16 autocast)"
         )
     out["general_ppl"] = float(torch.tensor(out["general_nll"]).exp())
+    if data.questions:
+        qa = ev.exact_match(
+            model, tokenizer, data.questions, answer_contains, n_examples=0,
+            max_new_tokens=GENERAL_QA_TOKENS, autocast_dtype=amp,
+        )  # fmt: skip
+        out.update(general_qa=qa["accuracy"], general_qa_correct=qa["correct"], general_qa_n=qa["n"])
     if reference is not None:
         out["kl_from_base"] = ev.next_token_kl(model, tokenizer, data.prompts, reference, autocast_dtype=amp)
     out["examples"] = match["examples"]
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+GENERAL_QA_TOKENS = 32  # a sentence: the base model answers trivia in one
 
 
 def eval_autocast(model: nn.Module) -> torch.dtype | None:
@@ -127,6 +137,7 @@ def base_eval_cache_file(model: nn.Module, tokenizer: Any, data: EvalData, cfg: 
         "items": [dataclasses.asdict(it) for it in data.items],
         "texts": data.texts,
         "prompts": data.prompts,
+        "questions": [dataclasses.asdict(it) for it in data.questions],
         "template": getattr(tokenizer, "chat_template", None),
         "vocab": len(tokenizer),
         "eval": [cfg.eval_max_new_tokens, cfg.general_tokens, cfg.max_length, _attention_name(model, cfg)],
@@ -158,6 +169,7 @@ ROWS = [
     ("general-text NLL (forgetting)", "general_nll", "{:.3f}"),
     ("general-text perplexity", "general_ppl", "{:.2f}"),
     ("next-token KL from the base", "kl_from_base", "{:.4f}"),
+    ("general questions answered", "general_qa", "{:.1%}"),
 ]
 
 

@@ -186,13 +186,12 @@ def verdicts(f: Features) -> list[Verdict]:
 
 def _not_lora(f: Features, out: dict[str, Verdict]) -> None:
     kind = f.peft_type or "unknown"
-    if kind == "QUANTUM_PEFT":
+    if kind in ("QUANTUM_PEFT", "ADALORA"):
         for v in out.values():
             then = f", then {GGUF}" if v.server in ("llama.cpp", "ollama") else ""
-            v.add("convert", kind, "a fixed low-rank change, saved in its own form", PORTABLE + then)
+            v.add("convert", kind, "a low-rank change saved in its own form, not as LoRA", PORTABLE + then)
         return
     why = {
-        "ADALORA": "an SVD-form adapter (P, E, Q): servers read LoRA folders only",
         "PROMPT_TUNING": "virtual tokens prepended as embeddings: no server here takes them",
         "PREFIX_TUNING": "learned keys and values in every layer: no server here takes them",
         "BOTTLENECK_ADAPTER": "a bottleneck MLP after the layer: no server here has one",

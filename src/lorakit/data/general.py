@@ -11,9 +11,11 @@ fine-tuning forgot. Users who train on Python documentation pick another held-ou
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from pydoc_data.topics import topics
+from typing import Any
 
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
 
@@ -115,3 +117,28 @@ def _cut_at_word(text: str, max_chars: int) -> str:
         return text
     cut = text[:max_chars]
     return cut[: cut.rfind(" ")] if " " in cut else cut
+
+
+def general_questions(n: int) -> list[Any]:
+    """The first `n` of chatterbot-corpus's 260 English trivia questions (a fixed order), as held-out
+    items with their reference answers: a forgetting probe that is not perplexity. The base model
+    answers some of them (about one in eight, by `answer_contains`); fine-tuning that forgets loses
+    them. Disjoint from the built-in replay data (chatterbot's other English files)."""
+    from .tasks import EvalItem, chatterbot_pairs
+
+    if n <= 0:
+        return []
+    pairs = sorted(chatterbot_pairs("english", ("trivia",)))
+    random.Random("general-questions").shuffle(pairs)
+    return [EvalItem([{"role": "user", "content": q}], a) for q, a in pairs[:n]]
+
+
+def answer_contains(prediction: str, reference: str) -> bool:
+    """The reference answer appears in the prediction, both lower-cased with punctuation turned to
+    spaces ("The Andromeda Galaxy." in "...is the Andromeda galaxy, which..."): a chat model answers
+    trivia in a sentence, so exact match would score the base model at zero."""
+    return _words(reference) in _words(prediction) if _words(reference).strip() else False
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split()) + " "

@@ -127,7 +127,7 @@ def _icd10_chapter_task(n_train_per_class: int, n_eval_per_class: int, seed: int
     return Task("icd10-chapter", train, held_out, list(chapters))
 
 
-def _chatterbot_pairs(language: str, files: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+def chatterbot_pairs(language: str, files: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """(question, answer) pairs, one per distinct question (its first answer, so a held-out question
     never appears in training): each conversation's first two turns, from chatterbot-corpus's YAML
     files of `language` (all files, or only `files`)."""
@@ -152,6 +152,17 @@ def _chatterbot_pairs(language: str, files: tuple[str, ...] | None = None) -> li
     return list(pairs.items())
 
 
+def chatterbot_english_chat() -> list[Conversation]:
+    """chatterbot-corpus's English conversations outside trivia (ai, food, greetings, history, ...),
+    each as a question and its first reply: general chat for replay, disjoint from the trivia of
+    the general-question probe and from the pydoc text of the perplexity probe."""
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    folder = Path(spec.submodule_search_locations[0]) / "data" / "english" if spec else None
+    files = tuple(p.stem for p in sorted(folder.glob("*.yml")) if p.stem != "trivia") if folder else None
+    pairs = chatterbot_pairs("english", files)
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+
+
 def _pairs_task(name: str, pairs: list[tuple[str, str]], n_train: int, n_eval: int, seed: int) -> Task:
     """A held-out split fixed by the task's name, then `n_train` training pairs drawn by `seed`."""
     shuffled = sorted(pairs)
@@ -171,13 +182,13 @@ def _pairs_task(name: str, pairs: list[tuple[str, str]], n_train: int, n_eval: i
 def _trivia_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
     """chatterbot-corpus's English trivia (261 question -> short answer pairs): recall of facts; a
     small model mostly cannot answer held-out questions, so its score is the answer NLL."""
-    return _pairs_task("chatterbot-trivia", _chatterbot_pairs("english", ("trivia",)), 10**9, 40, seed)
+    return _pairs_task("chatterbot-trivia", chatterbot_pairs("english", ("trivia",)), 10**9, 40, seed)
 
 
 def _chinese_chat_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
     """chatterbot-corpus's Chinese conversations, first turn -> reply (one per question): a language and
     register the default model rarely writes; scored by answer NLL."""
-    return _pairs_task("chatterbot-zh", _chatterbot_pairs("chinese"), 10**9, 60, seed)
+    return _pairs_task("chatterbot-zh", chatterbot_pairs("chinese"), 10**9, 60, seed)
 
 
 TASKS: dict[str, Callable[[int, int, int], Task]] = {

@@ -121,6 +121,7 @@ class BitFitConfig:
     """Train only the bias terms (linear and LayerNorm biases); refuses models with none."""
 
     peft_type: ClassVar[str] = "BITFIT"
+    in_place: ClassVar[bool] = True  # the base weights themselves train: no base to compare with
     default_lr: ClassVar[float] = 1e-3  # BitFit's paper searched 1e-4..1e-3 for BERT
 
     def validate(self, model: nn.Module) -> None:
@@ -152,6 +153,7 @@ class NormTuningConfig:
     """Train only the normalization layers' weights and biases (LayerNorm, RMSNorm)."""
 
     peft_type: ClassVar[str] = "NORM_TUNING"
+    in_place: ClassVar[bool] = True  # the base weights themselves train: no base to compare with
     default_lr: ClassVar[float] = 1e-3
 
     def apply_to(self, model: nn.Module, name: str) -> None:
@@ -171,6 +173,7 @@ class FullFinetuneConfig:
     """Train every parameter (tied tensors once): the baseline for every PEFT method."""
 
     peft_type: ClassVar[str] = "FULL"
+    in_place: ClassVar[bool] = True  # the base weights themselves train: no base to compare with
     default_lr: ClassVar[float] = 2e-5  # full fine-tuning of a 135M chat model: ~50x below LoRA's
 
     def apply_to(self, model: nn.Module, name: str) -> None:

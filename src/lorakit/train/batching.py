@@ -7,9 +7,11 @@ that is all a checkpoint needs to continue with exactly the samples an uninterru
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from array import array
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,15 +49,17 @@ def loss_token_count(labels: Tensor) -> int:
 class SampleOrder:
     """An endless stream of sample indices: a fresh seeded permutation for every epoch."""
 
-    def __init__(self, num_samples: int, seed: int, epoch: int = 0, index: int = 0) -> None:
-        self.num_samples, self.seed = num_samples, seed
+    def __init__(
+        self, num_samples: int, seed: int, epoch: int = 0, index: int = 0, stream: str = "data"
+    ) -> None:
+        self.num_samples, self.seed, self.stream = num_samples, seed, stream
         self.epoch, self.index = epoch, index
         self._perm = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> list[int]:
         # A string seed is hashed by Python itself: the same order on every platform and version.
         order = list(range(self.num_samples))
-        random.Random(f"lorakit-data:{self.seed}:{epoch}").shuffle(order)
+        random.Random(f"lorakit-{self.stream}:{self.seed}:{epoch}").shuffle(order)
         return order
 
     def take(self, count: int) -> list[int]:
@@ -73,6 +77,28 @@ class SampleOrder:
     @property
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
+
+
+@dataclass
+class Replay:
+    """Samples mixed into every optimizer batch (general data against forgetting): `ratio` is the
+    share of each batch's samples drawn from them, in [0, 1); the batch size stays the same. Step s
+    takes floor((s + 1) r B) - floor(s r B) of them, so over any run the share is r to within one
+    sample, also for ratios that do not divide the batch."""
+
+    samples: Sequence[Any]
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"replay ratio {self.ratio} is outside [0, 1): the share of each batch replayed")
+        if not self.samples:
+            raise ValueError("replay has no samples")
+
+    def count(self, step: int, batch_size: int) -> int:
+        return math.floor((step + 1) * self.ratio * batch_size + 1e-9) - math.floor(
+            step * self.ratio * batch_size + 1e-9
+        )
 
 
 def micro_batches(

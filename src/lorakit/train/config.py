@@ -34,6 +34,7 @@ TRAJECTORY_FIELDS: tuple[str, ...] = (
     "max_grad_norm",
     "seed",
     "precision",
+    "kl_to_base",
 )
 
 
@@ -113,6 +114,13 @@ class TrainConfig:
         ),
     )
     progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    kl_to_base: float = field(
+        default=0.0,
+        metadata=_help(
+            "weight of a KL(base || model) term on the positions that carry no task loss (prompts, and "
+            "every position of replay samples); the base is the model with its adapters switched off"
+        ),
+    )
     report_to: str = field(
         default="none",
         metadata=_help(
@@ -164,6 +172,8 @@ class TrainConfig:
             p.append(f"report_to={self.report_to!r}; expected one of {', '.join(REPORT_TO)}")
         elif self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             p.append("report_to='tensorboard' needs the tensorboard package: pip install tensorboard")
+        if not (self.kl_to_base >= 0 and math.isfinite(self.kl_to_base)):
+            p.append(f"kl_to_base={self.kl_to_base}; expected a weight >= 0")
         if self.optimizer not in ("adamw", "paged_adamw"):
             p.append(f"optimizer={self.optimizer!r}; expected adamw or paged_adamw")
         return p

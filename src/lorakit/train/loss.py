@@ -45,7 +45,8 @@ def chunked_causal_lm_loss(
     labels: Tensor,
     chunk_size: int = 0,
     verify_head: bool = False,
-) -> tuple[Tensor, int]:
+    keep_rows: Tensor | None = None,
+) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor]:
     """Return (sum of next-token CE over the non-ignored labels, number of those labels).
 
     `model` is a Hugging Face causal LM. Its decoder (`model.base_model`) gives the final hidden
@@ -54,12 +55,15 @@ def chunked_causal_lm_loss(
     `lm_head(hidden_states[-1])` reproduces the model's own logits, which fails for models that
     scale logits after the head in a way the config does not declare; the trainer does this on its
     first batch. A declared soft-cap (`config.final_logit_softcapping`) is applied here too.
+
+    `keep_rows` (B, T) bool: also return the final hidden states at those positions, (N, H), from
+    the same forward (the KL-to-base term reads them; `kl_to_reference`).
     """
     cap = softcap_of(model)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
-    if count == 0:
+    if count == 0 and keep_rows is None:
         return torch.zeros((), device=input_ids.device), 0
     decoder = getattr(model, "base_model", None)
     if not verify_head and isinstance(decoder, nn.Module) and decoder is not model:
@@ -68,7 +72,7 @@ def chunked_causal_lm_loss(
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        head = _output_head(model)
+        head = output_head(model)
     else:
         out = model(
             input_ids=input_ids,
@@ -78,11 +82,14 @@ def chunked_causal_lm_loss(
             use_cache=False,
         )
         hidden = out.hidden_states[-1]  # (B, T, H)
-        head = _output_head(model)
+        head = output_head(model)
         if verify_head:
             _check_head(head, hidden, out.logits, cap)
     rows = hidden[:, :-1][keep]  # (N, H)
-    return _chunked_ce(head, rows, targets[keep], chunk_size, cap), count
+    total = _chunked_ce(head, rows, targets[keep], chunk_size, cap) if count else hidden.new_zeros(())
+    if keep_rows is None:
+        return total, count
+    return total, count, hidden[keep_rows]
 
 
 def softcap_of(model: nn.Module) -> float | None:
@@ -276,7 +283,7 @@ def _capped(logits: Tensor, cap: float | None) -> Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-def _output_head(model: nn.Module) -> nn.Module:
+def output_head(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None:
@@ -300,3 +307,40 @@ def _check_head(head: nn.Module, hidden: Tensor, model_logits: Tensor, cap: floa
                 "head in a way its config does not declare (a scale, an undeclared soft-cap) or its "
                 "last hidden state is not after the final norm; the chunked loss cannot be used for it"
             )
+
+
+def kl_to_reference(
+    head: nn.Module, rows: Tensor, reference: Tensor, chunk_size: int = 0, cap: float | None = None
+) -> Tensor:
+    """sum_i KL(p_ref,i || p_i), p_i = softmax(head(rows_i)) (the model being trained), p_ref,i =
+    exp(reference_i) (log-probabilities, (N, V), no gradient). Chunks of rows are checkpointed, so
+    only one chunk's (chunk, V) logits live at a time in forward and again in backward."""
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_rows(_vocab(head))
+    total = torch.zeros((), device=rows.device, dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_size):
+        h, ref = rows[start : start + chunk_size], reference[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_kl, head, h, ref, cap, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(head, h, ref, cap)
+    return total
+
+
+def reference_log_probs(
+    head: nn.Module, rows: Tensor, chunk_size: int = 0, cap: float | None = None
+) -> Tensor:
+    """log softmax(head(rows)) in fp32, (N, V), chunk by chunk, without gradient."""
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_rows(_vocab(head))
+    with torch.no_grad():
+        parts = [
+            F.log_softmax(_capped(head(rows[s : s + chunk_size]).float(), cap), -1)
+            for s in range(0, rows.shape[0], chunk_size)
+        ]
+    return torch.cat(parts) if parts else rows.new_zeros(0, _vocab(head), dtype=torch.float32)
+
+
+def _chunk_kl(head: nn.Module, hidden: Tensor, reference: Tensor, cap: float | None) -> Tensor:
+    log_p = F.log_softmax(_capped(head(hidden).float(), cap), -1)
+    return F.kl_div(log_p, reference, log_target=True, reduction="sum")

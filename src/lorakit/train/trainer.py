@@ -27,10 +27,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lorakit.core.model import adapter_settings, training_hooks
+from lorakit.core.model import adapter_settings, disable_adapters, training_hooks
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import (
     Collate,
+    Replay,
     SampleOrder,
     check_has_loss_tokens,
     default_collate,
@@ -40,7 +41,14 @@ from lorakit.train.batching import (
 )
 from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
 from lorakit.train.fast import prepare_for_training
-from lorakit.train.loss import chunked_causal_lm_loss
+from lorakit.train.loss import (
+    IGNORE_INDEX,
+    chunked_causal_lm_loss,
+    kl_to_reference,
+    output_head,
+    reference_log_probs,
+    softcap_of,
+)
 from lorakit.train.metrics import JsonlLog, TensorBoardLog, plot_loss, read_log
 from lorakit.train.optim import (
     autocast_dtype,
@@ -51,7 +59,10 @@ from lorakit.train.optim import (
 
 _logger = logging.getLogger("lorakit.train")
 EvalFn = Callable[[nn.Module], "float | dict[str, float]"]
-_RESERVED = {"step", "loss", "task_loss", "lr", "grad_norm", "tokens", "loss_tokens", "elapsed"}
+_RESERVED = {
+    "step", "loss", "task_loss", "lr", "grad_norm", "tokens", "loss_tokens", "elapsed",
+    "loss_task", "loss_replay", "kl_to_base",
+}  # fmt: skip
 
 
 @dataclass
@@ -95,11 +106,18 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         log: Callable[[str], None] | None = None,
         run_options: dict[str, Any] | None = None,
+        replay: Replay | None = None,
     ) -> None:
         """`run_options`: settings outside `config` that change what the run computes (the method,
         the model, the data options of a command-line run). Checkpoints record them with the
-        adapters' configs, and a resume with any of them changed is refused, naming it."""
+        adapters' configs, and a resume with any of them changed is refused, naming it.
+
+        `replay`: general samples mixed into every batch (`Replay`); their loss and the task's are
+        logged apart (`loss_task`, `loss_replay`), the step's loss stays the mean over all its
+        loss tokens. With `config.kl_to_base` > 0, the KL term (`kl_to_base` in the log) runs the
+        model a second time per micro-batch, without gradient and with its adapters switched off."""
         check_has_loss_tokens(train_samples)
+        self.replay = replay
         self.run_options = dict(run_options or {})
         # as configured, before training: some configs fill in state as they train (AdaLoRA's ranks)
         self.adapter_settings = adapter_settings(model)
@@ -151,19 +169,30 @@ class Trainer:
 
     def _next_step(self, order: SampleOrder, progress: _Progress) -> dict[str, Any] | None:
         """Run one optimizer step; None when the whole batch has no loss token (it is skipped)."""
+        replayed = self.replay.count(progress.step, self.config.batch_size) if self.replay else 0
         batches = micro_batches(
             self.samples,
-            order.take(self.config.batch_size),
+            order.take(self.config.batch_size - replayed),
             self.config.micro_batch_size,
             self.collate,
             self.pad_id,
         )
+        sources = ["task"] * len(batches)
+        if replayed:
+            extra = micro_batches(
+                self.replay.samples,
+                self.replay_order.take(replayed),
+                self.config.micro_batch_size,
+                self.collate,
+                self.pad_id,
+            )
+            batches, sources = batches + extra, sources + ["replay"] * len(extra)
         loss_tokens = sum(loss_token_count(b["labels"]) for b in batches)
         if loss_tokens == 0:
             progress.skipped += 1
             return None
         tick = time.perf_counter()
-        record = self._optimizer_step(batches, loss_tokens, progress.step)
+        record = self._optimizer_step(batches, sources, loss_tokens, progress.step)
         seconds = time.perf_counter() - tick
         record["tokens_per_s"] = record["tokens"] / max(seconds, 1e-9)
         progress.step += 1
@@ -171,9 +200,11 @@ class Trainer:
         progress.last_loss = record["loss"]
         return record
 
-    def _optimizer_step(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> dict:
+    def _optimizer_step(
+        self, batches: list[dict[str, Tensor]], sources: list[str], loss_tokens: int, step: int
+    ) -> dict:
         self._call("on_step_start", step)
-        task_loss, per_batch = self._accumulate(batches, loss_tokens, step)
+        task_loss, per_batch = self._accumulate(batches, sources, loss_tokens, step)
         extras = self._extra_losses(set(per_batch))
         self._call("on_after_backward", step)
         grad_norm = self._clip(step)
@@ -184,7 +215,9 @@ class Trainer:
         self._call("on_step_end", step, self.config.steps)
         return {
             "step": step + 1,
-            "loss": task_loss + sum(per_batch.values()) + sum(extras.values()),
+            "loss": task_loss
+            + sum(v for k, v in per_batch.items() if not k.startswith("loss_"))
+            + sum(extras.values()),
             "task_loss": task_loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -195,37 +228,71 @@ class Trainer:
         }
 
     def _accumulate(
-        self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int
+        self, batches: list[dict[str, Tensor]], sources: list[str], loss_tokens: int, step: int
     ) -> tuple[float, dict[str, float]]:
         """Backpropagate every micro-batch's share of the token-mean loss, with the hooks'
-        per-micro-batch terms weighted by the same share; return that mean and each term's."""
+        per-micro-batch terms weighted by the same share (and the KL-to-base term by its rows'
+        share); return that mean and each term's, with the loss per source when replaying."""
         total = 0.0
         terms: dict[str, float] = {}
-        for batch in batches:
+        per_source: dict[str, list[float]] = {}
+        weight = self.config.kl_to_base
+        kl_masks = [_kl_rows(b, src) for b, src in zip(batches, sources, strict=True)] if weight else []
+        kl_total = sum(int(m.sum()) for m in kl_masks)
+        for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            kl_mask = kl_masks[i].to(self.device) if kl_total else None
             with self._autocast():
-                loss_sum, count = chunked_causal_lm_loss(
+                out = chunked_causal_lm_loss(
                     self.model,
                     batch["input_ids"],
                     batch["attention_mask"],
                     batch["labels"],
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
+                    keep_rows=kl_mask,
                 )
+            loss_sum, count = out[0], out[1]
             extra = self._hook_terms("micro_batch_losses", set())  # read what this forward recorded
-            if count == 0:
-                continue  # no loss token in this micro-batch: nothing to backpropagate
-            self._head_checked = True
+            kl = None
+            if kl_mask is not None and int(kl_mask.sum()):
+                kl = self._kl_to_base(batch, kl_mask, out[2])
+            if count == 0 and kl is None:
+                continue  # nothing to backpropagate in this micro-batch
+            if count:
+                self._head_checked = True
             value = float(loss_sum.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(self._diverged("the loss", value, step))
             share = count / loss_tokens
             loss = loss_sum / loss_tokens + share * sum(extra.values())
+            if kl is not None:
+                loss = loss + weight * kl / kl_total
+                terms["kl_to_base"] = terms.get("kl_to_base", 0.0) + float(kl.detach()) / kl_total
             loss.backward()
             total += value
+            sums = per_source.setdefault(sources[i], [0.0, 0])
+            sums[0], sums[1] = sums[0] + value, sums[1] + count
             for name, term in extra.items():
                 terms[name] = terms.get(name, 0.0) + share * float(term.detach())
+        if "kl_to_base" in terms:  # logged as the mean KL per position; the loss adds weight x that
+            terms["kl_to_base"] *= weight
+        if self.replay is not None:
+            terms.update({f"loss_{src}": s / c for src, (s, c) in per_source.items() if c})
         return total / loss_tokens, terms
+
+    def _kl_to_base(self, batch: dict[str, Tensor], rows: Tensor, hidden_rows: Tensor) -> Tensor:
+        """sum over `rows` of KL(base || model) for the next token; the base is the same model with
+        its adapters switched off (no second copy in memory), run without gradient."""
+        head, cap = output_head(self.model), softcap_of(self.model)
+        with torch.no_grad(), disable_adapters(self.model), self._autocast():
+            decoder = getattr(self.model, "base_model", self.model)
+            hidden = decoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            reference = reference_log_probs(head, hidden[rows], self.config.loss_chunk_size, cap)
+        with self._autocast():
+            return kl_to_reference(head, hidden_rows, reference, self.config.loss_chunk_size, cap)
 
     def _hook_terms(self, method: str, taken: set[str]) -> dict[str, Tensor]:
         """Every hook's `method(model)` terms by name; a name used twice, or one of the log's own
@@ -365,7 +432,13 @@ class Trainer:
             ckpt.refuse_existing_run(self.checkpoint_root)
         random.seed(self.config.seed)
         torch.manual_seed(self.config.seed)  # dropout; seeds CUDA generators too
+        self.replay_order = self._replay_order({})
         return _Progress(), SampleOrder(len(self.samples), self.config.seed)
+
+    def _replay_order(self, position: dict[str, int]) -> SampleOrder | None:
+        if self.replay is None:
+            return None
+        return SampleOrder(len(self.replay.samples), self.config.seed, stream="replay", **position)
 
     def _save(self, progress: _Progress, order: SampleOrder) -> None:
         state = {
@@ -373,6 +446,8 @@ class Trainer:
             "step": progress.step,
             "progress": vars(progress).copy(),
             "position": order.position,
+            "replay_position": self.replay_order.position if self.replay_order else None,
+            "replay_data": fingerprint(self.replay.samples) if self.replay else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
@@ -406,6 +481,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         self._say(f"resumed from {folder} at step {state['step']}")
         order = SampleOrder(len(self.samples), self.config.seed, **state["position"])
+        self.replay_order = self._replay_order(state.get("replay_position") or {})
         return _Progress(**state["progress"]), order
 
     def _check_same_run(self, state: dict[str, Any], folder: Path) -> None:
@@ -419,6 +495,9 @@ class Trainer:
         diffs += _changed("adapter ", state.get("adapters"), self.adapter_settings)
         if state["data"] != fingerprint(self.samples):
             diffs.append("the training samples differ (token hash)")
+        replay = fingerprint(self.replay.samples) if self.replay else None
+        if state.get("replay_data") != replay:
+            diffs.append("the replay samples differ (token hash, or replay on in one run only)")
         if len(state["hooks"]) != len(self._stateful_hooks()):
             diffs.append(f"{len(state['hooks'])} hooks with state there, {len(self._stateful_hooks())} here")
         if diffs:
@@ -527,6 +606,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _kl_rows(batch: dict[str, Tensor], source: str) -> Tensor:
+    """The (B, T) positions the KL-to-base term covers: every attended position of a replay
+    micro-batch; in a task micro-batch the attended positions whose next token carries no loss
+    (the prompt), so the task's own answers stay free to move."""
+    attended = batch["attention_mask"].bool()
+    if source == "replay":
+        return attended
+    no_loss = torch.ones_like(attended)
+    no_loss[:, :-1] = batch["labels"][:, 1:] == IGNORE_INDEX
+    return attended & no_loss
 
 
 def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
