@@ -145,15 +145,16 @@ def _load_as_trained(model: Any, adapter: str) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import json
     import tempfile
     from pathlib import Path
 
     from . import api
+    from .core.state import read_adapter_folder
     from .run import api_load
 
-    config_file = Path(args.adapter) / "adapter_config.json"
-    peft_type = json.loads(config_file.read_text()).get("peft_type") if config_file.is_file() else None
+    peft_type = read_adapter_folder(args.adapter)[0].get(
+        "peft_type"
+    )  # a bad folder fails before the model loads
     if args.format == "peft" and peft_type == "LORA":  # LoRA and aLoRA: from the folder alone
         from .combine import portable_lora
 

@@ -33,8 +33,11 @@ def test_llama_cpp_serves_the_exported_adapter(tmp_path: Path, rslora: bool) -> 
     folder = lk.save_adapter(model, tmp_path / "adapter")[0]
     result = roundtrip(str(folder), tmp_path / "out", prompts=6, max_new_tokens=12)
     runs = result["runs"]
-    # the adapter's effect, llama.cpp's against lorakit's: a sqrt(r) scale error would leave 75%
-    assert result["adapter_effect_relative_error"]["mean"] < 0.15, result["adapter_effect_relative_error"]
+    # the adapter's effect on an f32 base, llama.cpp's against lorakit's: a sqrt(r) scale error would
+    # leave 75% of it, a wrong q/k row order more
+    effect = result["adapter_effect_relative_error"]["f32"]
+    assert effect["max"] < 0.05, result["adapter_effect_relative_error"]
+    assert runs["f32 base + adapter GGUF"]["identical_answers"] == 6
     # f32 weights: only llama.cpp's own arithmetic differs from lorakit's
     assert runs["merged GGUF f32"]["first_token_logits_max_abs_diff"]["max"] < 0.05
     assert runs["merged GGUF f32"]["identical_answers"] == 6
