@@ -59,10 +59,14 @@ def _plot(points: list, path: Path, metrics: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, change, em, qa in points:
         axes[0].scatter(100 * change, 100 * em)
-        axes[0].annotate(name, (100 * change, 100 * em), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axes[0].annotate(
+            name, (100 * change, 100 * em), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
         if qa is not None:
             axes[1].scatter(100 * qa, 100 * em)
-            axes[1].annotate(name, (100 * qa, 100 * em), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            axes[1].annotate(
+                name, (100 * qa, 100 * em), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     base = next(iter(metrics.values()))["before"]
     axes[0].axvline(10, color="grey", linestyle=":", linewidth=1)
     axes[0].axhline(80, color="grey", linestyle=":", linewidth=1)

@@ -36,7 +36,9 @@ def main() -> None:
             _, verdicts = check_folder(folder)
             cells = []
             for v in verdicts:
-                what = "; ".join(dict.fromkeys(w for a, w, _ in v.findings if a == v.answer and w != "format"))
+                what = "; ".join(
+                    dict.fromkeys(w for a, w, _ in v.findings if a == v.answer and w != "format")
+                )
                 note = " (note: NF4 base)" if v.notes else ""
                 cells.append(v.answer + (f" ({what})" if what and v.answer != "yes" else "") + note)
             rows.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -99,6 +99,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run, train = split_options(_options(args, _run_fields()))
     conversations = read_data(run, train.seed)
     model, tokenizer = api_load(run.model, run.attention)
+    if args.adapter:  # an adapter with added tokens: the grown model and its tokenizer, as trained
+        from .vocab import prepare_for_adapter
+
+        tokenizer = prepare_for_adapter(model, tokenizer, args.adapter)
     _, data = build_data(run, tokenizer, conversations)
     reference = (
         ev.reference_next_token_logprobs(model, tokenizer, data.prompts, autocast_dtype=eval_autocast(model))
@@ -108,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     base = None
     if args.adapter:  # base scores and the KL reference: the full-precision base, as `train` does
         base = evaluate(model, tokenizer, data, run) if args.compare_base else None
-        _load_as_trained(model, args.adapter)
+        _load_as_trained(model, tokenizer, args.adapter)
     result = evaluate(model, tokenizer, data, run, reference)
     print(format_table(base, result))
     if args.json:
@@ -122,7 +126,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from .run import api_load
 
     model, tokenizer = api_load(args.model)
-    if _load_as_trained(model, args.adapter):
+    tokenizer, quantized = _load_as_trained(model, tokenizer, args.adapter)
+    if quantized:
         print("QLoRA adapter: merging onto its NF4 base, dequantized; the output is full precision")
     plain = api.merge_and_unload(model)
     dequantize_model(plain)  # layers without an adapter, if any were quantized
@@ -132,16 +137,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
     )
 
 
-def _load_as_trained(model: Any, adapter: str) -> bool:
+def _load_as_trained(model: Any, tokenizer: Any, adapter: str) -> tuple[Any, bool]:
     """Load an adapter onto the base it was trained on: a QLoRA folder's `quantization.json` puts
     the model in NF4 first (eval and chat of a QLoRA adapter on the full-precision base would score
-    a model that was never trained). True if the base was quantized."""
+    a model that was never trained), and a folder with added tokens grows the model and brings its
+    tokenizer. Returns the tokenizer to use and whether the base was quantized."""
     from . import api
     from .methods.qlora import quantize_as_trained
+    from .vocab import prepare_for_adapter
 
+    tokenizer = prepare_for_adapter(model, tokenizer, adapter)
     quantized = quantize_as_trained(model, adapter) is not None
     api.load_adapter(model, adapter, trainable=False)
-    return quantized
+    return tokenizer, quantized
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -149,10 +157,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from . import api
-    from .core.state import read_adapter_folder
+    from .core.state import read_adapter_config
     from .run import api_load
 
-    peft_type = read_adapter_folder(args.adapter)[0].get(
+    peft_type = read_adapter_config(args.adapter)[0].get(
         "peft_type"
     )  # a bad folder fails before the model loads
     if args.format == "peft" and peft_type == "LORA":  # LoRA and aLoRA: from the folder alone
@@ -161,9 +169,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         out = portable_lora(args.adapter, args.out)
         print(f"wrote {out}: the same change with its scale folded into B, one rank and lora_alpha = r")
         return
-    model, _ = api_load(args.model)
+    model, tokenizer = api_load(args.model)
     if args.format == "peft":
-        _load_as_trained(model, args.adapter)
+        _load_as_trained(model, tokenizer, args.adapter)
         out = api.export_lora(model, args.out)
         print(
             f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)"
@@ -183,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             )
         from .quant.linear import dequantize_model
 
-        _load_as_trained(model, args.adapter)
+        _load_as_trained(model, tokenizer, args.adapter)
         plain = api.merge_and_unload(model)
         dequantize_model(plain)
         export_merged_gguf(plain, base_gguf, out, args.outtype or "f16")
@@ -192,7 +200,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             lora = args.adapter
             if peft_type not in ("LORA", None):  # a fixed low-rank change: its LoRA form first
-                _load_as_trained(model, args.adapter)
+                _load_as_trained(model, tokenizer, args.adapter)
                 lora = str(api.export_lora(model, Path(tmp) / "lora"))
             export_gguf_adapter(lora, out, model.config, args.outtype or "f32")
         print(f"wrote a llama.cpp adapter GGUF to {out} (llama-cli -m BASE.gguf --lora {out})")
@@ -277,7 +285,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         )
         return
     if args.adapter:
-        _load_as_trained(model, args.adapter)
+        tokenizer, _ = _load_as_trained(model, tokenizer, args.adapter)
         config = registry(model).configs["default"]
         if getattr(config, "invoked_on_base_cache", False):  # aLoRA: no merge; reuse the base cache
             conversation_repl(model, tokenizer, "default", max_new_tokens=args.max_new_tokens)
@@ -322,6 +330,57 @@ def cmd_router(args: argparse.Namespace) -> None:
         print(f"{name}: {right}/{len(rows)} held-out prompts routed to its adapter")
     out = router.save(args.out)
     print(f"wrote the router to {out} (layer {router.layer}, {len(adapters)} adapters, mode {router.mode})")
+
+
+def cmd_vocab(args: argparse.Namespace) -> None:
+    from .data import load_task
+    from .data.jsonl import read_examples
+    from .models import load_tokenizer
+    from .options import column_map
+    from .vocab import conversation_texts, extend_tokenizer, propose_tokens, token_count, write_token_file
+
+    conversations = (
+        read_examples(args.data, column_map(args.columns)) if args.data else load_task(args.task).train
+    )
+    texts = conversation_texts(conversations)
+    tokenizer = load_tokenizer(args.model)
+    proposals = propose_tokens(tokenizer, texts, args.max_new, args.min_count)
+    if not proposals:
+        raise ValueError(
+            f"no string occurs {args.min_count}+ times and takes more than one token; lower --min-count"
+        )
+    width = max(8, *(len(repr(p.string)) for p in proposals[: args.show]))
+    print(f"{'string':<{width}}  {'count':>7}  {'pieces now':>10}  {'tokens saved':>12}")
+    for p in proposals[: args.show]:
+        print(f"{p.string!r:<{width}}  {p.count:>7,}  {p.pieces:>10}  {p.saved:>12,}")
+    if len(proposals) > args.show:
+        print(f"... {len(proposals) - args.show} more (--show N)")
+    chars = sum(len(t) for t in texts)
+    asked = (int(n) for n in args.sizes.split(",") if n.strip())
+    sizes = sorted({0, len(proposals), *(n for n in asked if n < len(proposals))})
+    print(f"\n{len(conversations)} conversations, {chars:,} characters")
+    print(f"{'new tokens':>10}  {'tokens':>10}  {'per sample':>10}  {'per char':>8}  {'change':>7}")
+    before = token_count(tokenizer, texts)
+    for n in sizes:
+        picked = (
+            proposals
+            if n == len(proposals)
+            else propose_tokens(tokenizer, texts, n, args.min_count)
+            if n
+            else []
+        )
+        count = (
+            token_count(extend_tokenizer(tokenizer, [p.string for p in picked]).tokenizer, texts)
+            if picked
+            else before
+        )
+        print(
+            f"{len(picked):>10,}  {count:>10,}  {count / len(conversations):>10.1f}  {count / chars:>8.3f}  "
+            f"{count / before - 1:>+7.1%}"
+        )
+    if args.out:
+        write_token_file(args.out, [p.string for p in proposals])
+        print(f"\nwrote {len(proposals)} tokens to {args.out} (lorakit train --add-tokens {args.out})")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -512,6 +571,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="hidden state read (default: the middle layer)")
     p.add_argument("--mode", choices=("pick", "weights"), default="pick")
     p.add_argument("--model", default=None)
+
+    p = command(
+        "vocab",
+        cmd_vocab,
+        "propose new tokens from training data: strings the tokenizer splits most, by tokens saved",
+    )
+    p.add_argument("--data", default=None, help="data file or datasets folder (default: the built-in task)")
+    p.add_argument("--columns", default=None, help="NAME=COLUMN,...: read these keys from other columns")
+    p.add_argument("--task", default="icd10-chapter")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-new", type=int, default=500, help="how many tokens to propose")
+    p.add_argument("--min-count", type=int, default=5, help="a string must occur at least this often")
+    p.add_argument("--show", type=int, default=40, help="rows of the table")
+    p.add_argument(
+        "--sizes", default="100,500,2000", help="also count the data's tokens with this many new tokens"
+    )
+    p.add_argument("--out", default=None, help="write the tokens here, one per line (for train --add-tokens)")
 
     p = command("data", cmd_data, "show how samples are formatted and which tokens train")
     p.add_argument("--show", type=int, default=3, help="how many samples to render")

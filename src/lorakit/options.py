@@ -80,6 +80,25 @@ class RunConfig:
             "batch in [0, 1), e.g. chatterbot:0.25"
         ),
     )
+    add_tokens: str | None = field(
+        default=None,
+        metadata=_help(
+            "extend the vocabulary: a file of tokens (one per line; a JSON string keeps spaces), or auto "
+            "(the --vocab-max-new strings that save the most tokens on the training data, as `lorakit "
+            "vocab` lists them); their embedding rows train with the method"
+        ),
+    )
+    vocab_max_new: int = field(default=500, metadata=_help("--add-tokens auto: how many tokens to add"))
+    vocab_min_count: int = field(
+        default=5, metadata=_help("--add-tokens auto: a string must occur this often in the training data")
+    )
+    token_init: str = field(
+        default="mean",
+        metadata=_help(
+            "new tokens' rows: mean (of the pieces each replaces), random (the embedding's spread) or "
+            "average (of all rows)"
+        ),
+    )
     columns: str | None = field(
         default=None,
         metadata=_help(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import api
+from . import api, vocab
 from .core.io import atomic_write
 from .data import collate
 from .methods import METHODS
@@ -61,12 +61,16 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     started = time.perf_counter()
     conversations = read_data(cfg, train_cfg.seed, say)
     replay_data = read_replay(cfg)
-    if train_cfg.kl_to_base and getattr(METHODS.get(cfg.method), "in_place", False):
+    in_place = getattr(METHODS.get(cfg.method), "in_place", False)
+    if train_cfg.kl_to_base and in_place:
         raise ValueError(
             f"--kl-to-base needs the base model, and --method {cfg.method} changes its weights in place; "
             "use an adapter method (lora, dora, ...)"
         )
     tokenizer = load_tokenizer(cfg.model)
+    extension = vocab.for_run(cfg, tokenizer, conversations[0], in_place, say)  # --add-tokens
+    if extension is not None:
+        tokenizer = extension.tokenizer
     method = method_config(cfg, tokenizer, train_cfg.seed)
     for line in train_warnings(method):
         say(line)
@@ -79,13 +83,19 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
-    model, tokenizer = api_load(cfg.model, cfg.attention)
+    model, base_tokenizer = api_load(cfg.model, cfg.attention)
+    if extension is None:
+        tokenizer = base_tokenizer
+    else:
+        vocab.extend_model(model, extension, cfg.token_init, train_cfg.seed)
     validate = getattr(method, "validate", None)  # e.g. BitFit on a model without biases
     if callable(validate):  # fails before the base evaluation (a minute or more), not after
         validate(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     before, reference = base_scores(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
     api.apply(model, method)
+    if extension is not None:
+        vocab.train_new_tokens(model, extension)
     say(api.summary(model))
     trainer = Trainer(
         model,

@@ -44,12 +44,17 @@ def evaluate(
         )
         out.update(exact_match=match["accuracy"], correct=match["correct"], n=match["n"])
     if data.answer_samples:
-        out["answer_nll"] = ev.answer_nll(
-            model, data.answer_samples, collate, tokenizer.pad_token_id, autocast_dtype=amp
-        )["nll"]
-    out["general_nll"] = ev.text_nll(
-        model, tokenizer, data.texts, max_tokens=cfg.general_tokens, autocast_dtype=amp
-    )["nll"]
+        nll = ev.answer_nll(
+            model,
+            data.answer_samples,
+            collate,
+            tokenizer.pad_token_id,
+            autocast_dtype=amp,
+            tokenizer=tokenizer,
+        )
+        out.update(answer_nll=nll["nll"], answer_nll_per_char=nll["nll_per_char"])
+    general = ev.text_nll(model, tokenizer, data.texts, max_tokens=cfg.general_tokens, autocast_dtype=amp)
+    out.update(general_nll=general["nll"], general_nll_per_char=general["nll_per_char"])
     bad = {k: v for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         raise FloatingPointError(
@@ -140,10 +145,12 @@ def base_eval_cache_file(model: nn.Module, tokenizer: Any, data: EvalData, cfg: 
         "questions": [dataclasses.asdict(it) for it in data.questions],
         "template": getattr(tokenizer, "chat_template", None),
         "vocab": len(tokenizer),
+        "added": sorted(getattr(tokenizer, "get_added_vocab", dict)().items()),
         "eval": [cfg.eval_max_new_tokens, cfg.general_tokens, cfg.max_length, _attention_name(model, cfg)],
         "device": str(next(model.parameters()).device),
         "autocast": str(eval_autocast(model)),
         "versions": [torch.__version__, transformers.__version__, _version()],
+        "fields": 2,  # what a cached result holds: 2 adds the per-character NLLs
     }
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     return cache_root().parent / "base-eval" / f"{digest.hexdigest()[:32]}.json"

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .core.state import PREFIX, read_adapter_folder
+from .core.state import PREFIX, read_adapter_config, tensor_names
 
 SERVERS = ("vllm", "sglang", "llama.cpp", "ollama")
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
@@ -101,8 +101,8 @@ class Features:
 
 def check_folder(path: str | os.PathLike) -> tuple[Features, list[Verdict]]:
     """The verdict of every server on the adapter folder at `path`."""
-    config, tensors = read_adapter_folder(path)
-    features = Features.of_config(config, tensors)
+    config, weights = read_adapter_config(path)
+    features = Features.of_config(config, tensor_names(weights))
     if os.path.isfile(os.path.join(path, "quantization.json")):  # a QLoRA folder
         features = replace(features, quantized_base=True)
     return features, verdicts(features)

@@ -148,7 +148,7 @@ def test_kl_to_base_has_the_reference_gradient(tiny, make_config) -> None:
     )
     batches = [default_collate(samples[:3], 0), default_collate(samples[3:], 0)]
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    _, terms = trainer._accumulate(batches, ["task", "task"], tokens, 0)
+    _, terms, _ = trainer._accumulate(batches, ["task", "task"], tokens, 0)
     got = {n: p.grad.clone() for n, p in trainer_model.named_parameters() if p.requires_grad}
 
     model = model_with_moved_adapter()

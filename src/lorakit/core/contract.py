@@ -31,6 +31,7 @@ class Role(str, Enum):
     NORM = "norm"
     GATE = "gate"  # mixtures: router weights
     FULL = "full"  # a whole base weight (full fine-tuning)
+    TOKENS = "tokens"  # rows of the embedding / output head for chosen tokens (vocabulary extension)
     OTHER = "other"
 
 
@@ -57,6 +58,9 @@ class Delta(nn.Module):
     # signal): `core.model.inject` then binds the delta to the model's per-forward context
     # (core/context.py), which `self.context` returns inside forward.
     needs_context: ClassVar[bool] = False
+    # False for deltas that are not a PEFT target module (trainable token rows, core/tokens.py):
+    # saving leaves them out of `target_modules`.
+    is_target: ClassVar[bool] = True
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         raise NotImplementedError

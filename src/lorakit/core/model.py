@@ -25,6 +25,9 @@ from .target import find_targets
 class Registry:
     configs: dict[str, Any] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    # A vocabulary extension (lorakit.vocab.VocabularyExtension): `files()` -> {name: content} is
+    # written into every saved adapter folder that trains token rows (its tokenizer and record).
+    vocabulary: Any = None
 
 
 def registry(model: nn.Module) -> Registry:

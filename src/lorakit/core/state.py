@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .io import atomic_folder, non_finite
 from .model import adapter_deltas, add_adapter, delete_adapter, model_adapters, registry, set_active
 from .target import candidates
+from .tokens import add_token_rows, layers_for_indices, peft_token_indices
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,21 +68,29 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
     config = registry(model).configs[name]
     folder = root if name == "default" else root / name
     adapter = dict(model_adapters(model)).get(name)
+    token_indices = peft_token_indices(model, name)  # a vocabulary extension's rows, if any
+    extra = {}
+    if token_indices is not None and registry(model).vocabulary is not None:
+        extra = registry(model).vocabulary.files()  # the extended tokenizer and its record
     if adapter is not None:  # model-level: its own keys (PEFT's "prompt_embeddings") and config
         tensors = {
             k: t.detach().to("cpu", torch.float32).contiguous() for k, t in adapter.export_state().items()
         }
-        write_adapter_folder(folder, tensors, adapter.to_peft_dict())
-        return
-    deltas = list(adapter_deltas(model, name))
-    peft_config = config.to_peft_dict()
-    peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
-    peft_config["exclude_modules"] = None
-    if any(_stores_in_out(layer) for _, layer, _ in deltas):
-        peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
-    make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
-    extra = make_extra() if callable(make_extra) else {}
-    write_adapter_folder(folder, adapter_tensors(model, name), peft_config, extra)
+        peft_config = adapter.to_peft_dict()
+    else:
+        deltas = [(p, layer, d) for p, layer, d in adapter_deltas(model, name) if d.is_target]
+        peft_config = config.to_peft_dict()
+        peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
+        peft_config["exclude_modules"] = None
+        if any(_stores_in_out(layer) for _, layer, _ in deltas):
+            peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
+        make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
+        extra = {**extra, **(make_extra() if callable(make_extra) else {})}
+        tensors = {}
+    tensors.update(adapter_tensors(model, name))
+    if token_indices is not None:
+        peft_config["trainable_token_indices"] = token_indices
+    write_adapter_folder(folder, tensors, peft_config, extra)
 
 
 def save_as_lora(
@@ -132,14 +141,20 @@ def _stores_in_out(layer: Any) -> bool:
 
 
 def write_adapter_folder(
-    folder: Path, tensors: dict[str, Tensor], peft_config: dict[str, Any], extra: dict[str, str] | None = None
+    folder: Path,
+    tensors: dict[str, Tensor],
+    peft_config: dict[str, Any],
+    extra: dict[str, str | bytes] | None = None,
 ) -> None:
     """Plain writes: the whole tree is swapped into place by `atomic_folder` once complete."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     for file_name, content in (extra or {}).items():
-        (folder / file_name).write_text(content)
+        if isinstance(content, bytes):
+            (folder / file_name).write_bytes(content)
+        else:
+            (folder / file_name).write_text(content)
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -152,6 +167,38 @@ def _refuse_pickle(path: Path) -> None:
 
 def read_adapter_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The config dict and tensors of an adapter folder (or of its .safetensors file)."""
+    config, weights = read_adapter_config(path)
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for bad headers and truncation
+        raise AdapterLoadError(
+            f"{weights} is not a readable safetensors file (corrupt or truncated?): {err}"
+        ) from None
+    bad = non_finite(tensors.items())
+    if bad:
+        raise AdapterLoadError(
+            f"{weights} holds NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[0]}: the run that "
+            "wrote it diverged or the file is damaged; load an earlier checkpoint's adapter instead"
+        )
+    return config, tensors
+
+
+def tensor_names(weights: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return list(f.keys())
+    except Exception as err:
+        raise AdapterLoadError(
+            f"{weights} is not a readable safetensors file (corrupt or truncated?): {err}"
+        ) from None
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """An adapter folder's config dict and the path of its weights file, checked to exist; no tensor
+    is read (a command that needs only the config or the names fails as clearly, and fast)."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         _refuse_pickle(path)
@@ -171,19 +218,9 @@ def read_adapter_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise AdapterLoadError(f"{folder} has no {CONFIG_NAME}; an adapter folder needs both files") from None
     except json.JSONDecodeError as err:
         raise AdapterLoadError(f"{config_path} is not valid JSON: {err}") from None
-    try:
-        tensors = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types for bad headers and truncation
-        raise AdapterLoadError(
-            f"{weights} is not a readable safetensors file (corrupt or truncated?): {err}"
-        ) from None
-    bad = non_finite(tensors.items())
-    if bad:
-        raise AdapterLoadError(
-            f"{weights} holds NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[0]}: the run that "
-            "wrote it diverged or the file is damaged; load an earlier checkpoint's adapter instead"
-        )
-    return config, tensors
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{config_path} holds {type(config).__name__}, not a JSON object")
+    return config, weights
 
 
 def _expected(model: nn.Module, name: str) -> dict[str, tuple[Any, str, torch.Size]]:
@@ -232,6 +269,26 @@ def _roll_back(model: nn.Module, name: str, previous_active: list[str], copied: 
             set_active(model, previous_active)
 
 
+def _token_layers_fitting(model: nn.Module, spec: Any, path: Any) -> dict[str, list[int]]:
+    """The folder's trainable token rows by layer, refused before anything changes when the model's
+    vocabulary is too small for them (an adapter trained with added tokens, on the base without)."""
+    try:
+        layers = layers_for_indices(model, spec)
+    except ValueError as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
+    size = model.get_input_embeddings().weight.shape[0]
+    highest = max((i for ids in layers.values() for i in ids), default=-1)
+    if highest >= size:
+        raise AdapterLoadError(
+            f"{path} trains rows of tokens up to id {highest} (a vocabulary of at least {highest + 1}); "
+            f"this model has {size} tokens: the adapter was trained with added tokens. Load its "
+            "tokenizer and grow the model first: lorakit.vocab.prepare_for_adapter(model, tokenizer, "
+            f"{str(path)!r}) (lorakit eval/chat/merge do this), or with PEFT: "
+            "model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(FOLDER)))"
+        )
+    return layers
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -241,11 +298,15 @@ def load_adapter(
 ) -> Any:
     """Build the adapter the folder's config describes and load its weights; all or nothing."""
     peft_config, tensors = read_adapter_folder(path)
+    token_spec = peft_config.pop("trainable_token_indices", None)
+    token_layers = _token_layers_fitting(model, token_spec, path) if token_spec is not None else None
     config = config_from_peft(peft_config)
     previous_active = list(registry(model).active)
     add_adapter(model, config, adapter_name)
     copying = False  # from here on, in-place methods (full fine-tuning) overwrite base tensors
     try:
+        if token_layers is not None:  # activated with the rest below
+            add_token_rows(model, adapter_name, token_layers)
         expected = _expected(model, adapter_name)
         _check_keys(expected, tensors)
         by_delta: dict[int, tuple[Any, dict[str, Tensor]]] = {}

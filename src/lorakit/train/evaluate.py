@@ -122,8 +122,10 @@ def answer_nll(
     pad_id: int = 0,
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, float]:
-    """Mean NLL (nats/token) of the labelled tokens of already-encoded samples.
+    """Mean NLL (nats/token) of the labelled tokens of already-encoded samples; with `tokenizer`
+    also per character of the labelled tokens' text (`nll_per_char`), which compares tokenizers.
 
     Samples (mappings, or objects like lorakit.data's ``Encoded``) hold ``input_ids`` and ``labels`` aligned with them (Hugging Face convention: the
     model predicts ``labels[t]`` from tokens ``< t``; ``-100`` = not scored). ``collate(samples,
@@ -141,7 +143,11 @@ def answer_nll(
             total, count = total + nll_sum, count + n
     if count == 0:
         raise ValueError("answer_nll found no labelled tokens; expected labels other than -100")
-    return {"nll": total / count, "tokens": count}
+    out = {"nll": total / count, "tokens": count}
+    if tokenizer is not None:
+        chars = sum(len(tokenizer.decode([t for t in _field(s, "labels") if t != IGNORE])) for s in samples)
+        out.update(chars=chars, nll_per_char=total / max(chars, 1))
+    return out
 
 
 def _labelled_nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
@@ -186,7 +192,13 @@ def text_nll(
             nll = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
             total += nll.item()
     count = blocks.shape[0] * (block - 1)
-    return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count}
+    chars = sum(len(tokenizer.decode(row[1:].tolist())) for row in blocks)  # the scored tokens' text
+    return {
+        "nll": total / count,
+        "perplexity": math.exp(total / count),
+        "tokens": count,
+        "nll_per_char": total / max(chars, 1),  # compares tokenizers (an extended vocabulary)
+    }
 
 
 def _text_blocks(

@@ -146,6 +146,7 @@ def to_autocast_dtype(output: Any) -> Any:
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Cast the weights (and biases) of frozen `nn.Linear` layers to `dtype`; returns how many."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(head, "base_layer", head)  # a head holding an adapter (token rows, LoRA) stays fp32 too
     tied = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     readers = {
         id(layer.base_layer)

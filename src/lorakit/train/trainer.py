@@ -204,7 +204,7 @@ class Trainer:
         self, batches: list[dict[str, Tensor]], sources: list[str], loss_tokens: int, step: int
     ) -> dict:
         self._call("on_step_start", step)
-        task_loss, per_batch = self._accumulate(batches, sources, loss_tokens, step)
+        task_loss, per_batch, per_source = self._accumulate(batches, sources, loss_tokens, step)
         extras = self._extra_losses(set(per_batch))
         self._call("on_after_backward", step)
         grad_norm = self._clip(step)
@@ -215,24 +215,24 @@ class Trainer:
         self._call("on_step_end", step, self.config.steps)
         return {
             "step": step + 1,
-            "loss": task_loss
-            + sum(v for k, v in per_batch.items() if not k.startswith("loss_"))
-            + sum(extras.values()),
+            "loss": task_loss + sum(per_batch.values()) + sum(extras.values()),
             "task_loss": task_loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
             "loss_tokens": loss_tokens,
+            **per_source,
             **per_batch,
             **extras,
         }
 
     def _accumulate(
         self, batches: list[dict[str, Tensor]], sources: list[str], loss_tokens: int, step: int
-    ) -> tuple[float, dict[str, float]]:
+    ) -> tuple[float, dict[str, float], dict[str, float]]:
         """Backpropagate every micro-batch's share of the token-mean loss, with the hooks'
         per-micro-batch terms weighted by the same share (and the KL-to-base term by its rows'
-        share); return that mean and each term's, with the loss per source when replaying."""
+        share); return that mean, each term's (added to the step's loss), and, when replaying, the
+        mean loss per source (`loss_task`, `loss_replay`: parts of the mean, not added to it)."""
         total = 0.0
         terms: dict[str, float] = {}
         per_source: dict[str, list[float]] = {}
@@ -277,9 +277,10 @@ class Trainer:
                 terms[name] = terms.get(name, 0.0) + share * float(term.detach())
         if "kl_to_base" in terms:  # logged as the mean KL per position; the loss adds weight x that
             terms["kl_to_base"] *= weight
+        sources_mean = {}
         if self.replay is not None:
-            terms.update({f"loss_{src}": s / c for src, (s, c) in per_source.items() if c})
-        return total / loss_tokens, terms
+            sources_mean = {f"loss_{src}": s / c for src, (s, c) in per_source.items() if c}
+        return total / loss_tokens, terms, sources_mean
 
     def _kl_to_base(self, batch: dict[str, Tensor], rows: Tensor, hidden_rows: Tensor) -> Tensor:
         """sum over `rows` of KL(base || model) for the next token; the base is the same model with
