@@ -4,9 +4,10 @@
 
 - zh.jsonl: Chinese text: chatterbot-corpus's Chinese conversations (question -> reply) and Debian's
   fortunes-zh (`apt-get install fortunes-zh`: classical sayings, 300 Tang poems, 100 Song lyrics),
-  each fortune as "continue: <its first 8 characters>" -> the rest; skipped with a note when absent.
+  each fortune as its first 8 characters -> the rest; skipped with a note when absent.
 - icd10cm.jsonl: every billable ICD-10-CM code (simple-icd-10-cm, the CDC April 2026 release) ->
-  its description: the medical vocabulary of the default task's questions, all of it.
+  its description: the medical vocabulary of the default task's questions, all of it. No prompt
+  text repeats, so the token counts are the domain text's own.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": q, "completion": a} for q, a in chatterbot_pairs("chinese")]
     found = fortunes()
-    rows += [{"prompt": f"续写：{f[:8]}", "completion": f[8:]} for f in found if len(f) > 12]
+    rows += [{"prompt": f[:8], "completion": f[8:]} for f in found if len(f) > 12]  # continue the text
     if not found:
         print(
             "fortunes-zh is not installed (apt-get install fortunes-zh): zh.jsonl has the conversations only"
@@ -48,7 +49,7 @@ def main() -> None:
     import simple_icd_10_cm as icd
 
     codes = [c for c in icd.get_all_codes(True) if icd.is_leaf(c)]
-    medical = [{"prompt": f"ICD-10-CM {c}", "completion": icd.get_description(c)} for c in codes]
+    medical = [{"prompt": c, "completion": icd.get_description(c)} for c in codes]
     (out / "icd10cm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in medical), encoding="utf-8")
     print(
         f"{out}/zh.jsonl: {len(rows)} records ({len(found)} fortunes); {out}/icd10cm.jsonl: {len(medical)} codes"

@@ -53,18 +53,37 @@ class Proposal:
     saved: int  # tokens saved over the text, estimated: count x (pieces - 1)
 
 
-def candidate_counts(texts: Iterable[str]) -> Counter[str]:
+def candidate_counts(texts: Iterable[str], chosen: set[str] | frozenset[str] = frozenset()) -> Counter[str]:
     """Strings that could become tokens: words of letters (with the space before them, as the
-    byte-level tokenizer sees them) and, in runs of Chinese characters, every n-gram up to 4."""
+    byte-level tokenizer sees them) and, in runs of Chinese characters, every n-gram up to 4.
+    Occurrences of `chosen` strings are cut out first, as the extended tokenizer will match them
+    (longest first), so what they cover is not counted again."""
     counts: Counter[str] = Counter()
     for text in texts:
         for run in _HAN.findall(text):
-            for n in range(1, MAX_NGRAM + 1):
-                counts.update(run[i : i + n] for i in range(len(run) - n + 1))
+            for piece in _split_run(run, chosen):
+                for n in range(1, MAX_NGRAM + 1):
+                    counts.update(piece[i : i + n] for i in range(len(piece) - n + 1))
         for word in _WORD.findall(_HAN.sub(" ", text)):
-            if len(word.strip()) >= MIN_WORD_CHARS:
+            if len(word.strip()) >= MIN_WORD_CHARS and word not in chosen:
                 counts[word] += 1
     return counts
+
+
+def _split_run(run: str, chosen: set[str] | frozenset[str]) -> list[str]:
+    """The parts of a run of Chinese characters between the chosen strings in it (leftmost, longest)."""
+    if not chosen:
+        return [run]
+    parts, start, i = [], 0, 0
+    while i < len(run):
+        size = next((n for n in range(MAX_NGRAM, 0, -1) if run[i : i + n] in chosen), 0)
+        if size:
+            parts.append(run[start:i])
+            i = start = i + size
+        else:
+            i += 1
+    parts.append(run[start:])
+    return [p for p in parts if p]
 
 
 def propose_tokens(
@@ -83,7 +102,8 @@ def propose_tokens(
     pieces: dict[str, int] = {}
     chosen: list[Proposal] = []
     while len(chosen) < max_new:
-        counts = {s: c for s, c in candidate_counts(_cut(texts, chosen)).items() if c >= min_count}
+        taken = {p.string for p in chosen}
+        counts = {s: c for s, c in candidate_counts(texts, taken).items() if c >= min_count}
         new = [s for s in counts if s not in pieces]
         pieces.update(zip(new, _lengths(tokenizer, new), strict=True))
         scored = sorted(
@@ -109,15 +129,6 @@ def _overlap(a: str, b: str) -> bool:
     if not (_HAN.fullmatch(a) and _HAN.fullmatch(b)):  # words: separated by spaces, never overlapping
         return False
     return any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
-
-
-def _cut(texts: list[str], chosen: list[Proposal]) -> list[str]:
-    if not chosen:
-        return texts
-    pattern = regex.compile(
-        "|".join(regex.escape(p.string) for p in sorted(chosen, key=lambda p: -len(p.string)))
-    )
-    return [pattern.sub("\n", t) for t in texts]
 
 
 def _lengths(tokenizer: Any, strings: list[str]) -> list[int]:
