@@ -383,3 +383,36 @@ def test_per_character_nll_counts_the_scored_text_once_whatever_the_tokenizer() 
     assert totals[1] < totals[0]  # the extended tokenizer takes fewer tokens for the same characters
     general = text_nll(model, tokenizer, ["plain text " * 40], max_tokens=64, block=32)
     assert general["nll_per_char"] == pytest.approx(general["nll"] * general["tokens"] / (2 * 31))
+
+
+def test_exports_that_cannot_carry_added_tokens_are_refused_before_the_model_loads(tmp_path, capsys) -> None:
+    from lorakit.cli import main
+
+    model, _, _ = _trained(tied=False)
+    lk.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(SystemExit, match="adds tokens.*lorakit merge"):
+        main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "m.gguf"),
+                "--format",
+                "gguf",
+                "--merged",
+            ]
+        )
+    with pytest.raises(SystemExit, match="trains token rows.*lorakit merge"):
+        main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "p"),
+                "--format",
+                "peft",
+            ]
+        )
+    assert not (tmp_path / "p").exists() and not (tmp_path / "m.gguf").exists()

@@ -160,9 +160,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .core.state import read_adapter_config
     from .run import api_load
 
-    peft_type = read_adapter_config(args.adapter)[0].get(
-        "peft_type"
-    )  # a bad folder fails before the model loads
+    peft_type = read_adapter_config(args.adapter)[0].get("peft_type")  # a bad folder fails first
+    if args.format == "gguf" and args.merged and (Path(args.adapter) / "vocabulary.json").is_file():
+        raise ValueError(
+            f"{args.adapter} adds tokens, and a merged GGUF keeps the base GGUF's tokenizer, which "
+            "lacks them: write the merged folder (lorakit merge), which has the extended tokenizer, "
+            "and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
     if args.format == "peft" and peft_type == "LORA":  # LoRA and aLoRA: from the folder alone
         from .combine import portable_lora
 

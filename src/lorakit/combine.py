@@ -89,6 +89,12 @@ def read_source(path: str | os.PathLike, allow_alora: bool = False) -> Source:
             f"{path} is an aLoRA adapter: it acts only from its invocation on, and a combined LoRA "
             "would act on every token; combine it with other aLoRA adapters at run time instead"
         )
+    if config.get("trainable_token_indices"):
+        raise AdapterLoadError(
+            f"{path} trains token rows (an extended vocabulary, or PEFT's trainable tokens): they are "
+            "not a low-rank change, and servers' LoRA loaders ignore them; merge it into the model "
+            "instead (lorakit merge writes the model with its tokenizer)"
+        )
     try:  # lorakit's own reading of the config: alpha/rank patterns, rsLoRA, unsupported options
         lora = LoRAConfig.from_peft_dict(config)
     except ValueError as err:
