@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 import lorakit as lk
-from lorakit.cli import _load_as_trained
 from lorakit.generate import stop_ids
 from lorakit.options import RunConfig
 from lorakit.run_data import read_data
@@ -43,7 +42,7 @@ def main() -> None:
         cfg = RunConfig(**{k: v for k, v in run.items() if k in RunConfig.__dataclass_fields__})
         _, items = read_data(cfg, 0, lambda *_: None)
         model, tokenizer = lk.load_model(cfg.model)
-        tokenizer, _ = _load_as_trained(model, tokenizer, folder)
+        tokenizer, _ = lk.load_as_trained(model, tokenizer, folder)
         model = lk.merge_and_unload(model).eval()
         stops = list(stop_ids(model, tokenizer))
         amp = eval_autocast(model)  # bf16 where the CPU has it natively, as lorakit eval does

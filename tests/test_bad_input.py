@@ -314,8 +314,6 @@ def test_failed_full_finetune_load_leaves_no_adapter_and_the_real_error(tmp_path
 
 
 def test_eval_and_chat_load_a_qlora_adapter_onto_its_4bit_base(tmp_path) -> None:
-    from lorakit.cli import _load_as_trained
-
     trained = lk.apply(tiny_llama(), lk.QLoRAConfig(rank=2))
     with torch.no_grad():
         for p in trained.parameters():
@@ -323,7 +321,7 @@ def test_eval_and_chat_load_a_qlora_adapter_onto_its_4bit_base(tmp_path) -> None
                 p.normal_(0, 0.05)
     lk.save_adapter(trained, tmp_path / "q")
     model = tiny_llama()
-    assert _load_as_trained(model, str(tmp_path / "q"))
+    assert lk.load_as_trained(model, None, str(tmp_path / "q"))[1]
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, trained(input_ids=ids).logits)

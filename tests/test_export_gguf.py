@@ -19,15 +19,22 @@ from lorakit.models import tiny_llama
 gguf = pytest.importorskip("gguf")
 
 
-def _adapter(tmp: Path, **config: object) -> tuple[Path, torch.nn.Module]:
-    model = tiny_llama()
-    model.config.architectures = ["LlamaForCausalLM"]
+def _with_lora(model: torch.nn.Module, std: float, **config: object) -> torch.nn.Module:
+    """LoRA (gaussian init) with every trainable tensor drawn again from N(0, std): a trained-looking
+    change, seeded."""
     torch.manual_seed(0)
-    lk.apply(model, lk.LoRAConfig(**{"rank": 4, "alpha": 8, "init": "gaussian", **config}))
+    lk.apply(model, lk.LoRAConfig(**{"rank": 4, "init": "gaussian", **config}))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
+    return model
+
+
+def _adapter(tmp: Path, **config: object) -> tuple[Path, torch.nn.Module]:
+    model = tiny_llama()
+    model.config.architectures = ["LlamaForCausalLM"]
+    _with_lora(model, 0.2, **{"alpha": 8, **config})
     return lk.save_adapter(model, tmp / "adapter")[0], model
 
 
@@ -200,12 +207,7 @@ def _merged_tiny(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     model = tiny_llama()
     model.config.architectures = ["LlamaForCausalLM"]
     base = _tiny_base_gguf(tmp_path / "base.gguf", model)
-    torch.manual_seed(0)
-    lk.apply(model, lk.LoRAConfig(rank=4, alpha=8, init="gaussian", use_rslora=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
+    _with_lora(model, 0.3, alpha=8, use_rslora=True)
     return lk.merge_and_unload(model), base
 
 
@@ -284,12 +286,7 @@ def test_merged_export_of_the_default_model_loads_back_exactly(
     if not default_model_available():
         pytest.skip("the default model is not installed")
     model, _ = load_model()
-    torch.manual_seed(0)
-    lk.apply(model, lk.LoRAConfig(rank=4, init="gaussian", target_modules=["q_proj", "k_proj", "down_proj"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    _with_lora(model, 0.05, target_modules=["q_proj", "k_proj", "down_proj"])
     folder = lk.save_adapter(model, tmp_path / "adapter")[0]
     expected = lk.merge_and_unload(model).state_dict()
     out = tmp_path / "merged.gguf"

@@ -43,6 +43,21 @@ def load_adapter(
     return config
 
 
+def load_as_trained(model: nn.Module, tokenizer: Any, folder: str | os.PathLike) -> tuple[Any, bool]:
+    """Load an adapter folder onto the base it was trained on, frozen, as eval, chat and merge do: a
+    QLoRA folder's `quantization.json` puts the model in NF4 first (scoring a QLoRA adapter on the
+    full-precision base would score a model that was never trained), and a folder with added tokens
+    grows the model and brings its tokenizer. Returns the tokenizer to use and whether the base was
+    quantized."""
+    from .methods.qlora import quantize_as_trained
+    from .vocab import prepare_for_adapter
+
+    tokenizer = prepare_for_adapter(model, tokenizer, folder)
+    quantized = quantize_as_trained(model, folder) is not None
+    load_adapter(model, folder, trainable=False)
+    return tokenizer, quantized
+
+
 def export_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write a fixed low-rank adapter (Quantum-PEFT) as a plain PEFT LoRA folder with the same change."""
     return state.save_as_lora(

@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
+    from . import api
     from .options import split_options
     from .run import api_load
     from .run_data import build_data, read_data
@@ -112,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     base = None
     if args.adapter:  # base scores and the KL reference: the full-precision base, as `train` does
         base = evaluate(model, tokenizer, data, run) if args.compare_base else None
-        _load_as_trained(model, tokenizer, args.adapter)
+        api.load_as_trained(model, tokenizer, args.adapter)
     result = evaluate(model, tokenizer, data, run, reference)
     print(format_table(base, result))
     if args.json:
@@ -126,7 +127,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from .run import api_load
 
     model, tokenizer = api_load(args.model)
-    tokenizer, quantized = _load_as_trained(model, tokenizer, args.adapter)
+    tokenizer, quantized = api.load_as_trained(model, tokenizer, args.adapter)
     if quantized:
         print("QLoRA adapter: merging onto its NF4 base, dequantized; the output is full precision")
     plain = api.merge_and_unload(model)
@@ -135,21 +136,6 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(
         f"wrote a plain Hugging Face model folder to {out} (load it with AutoModelForCausalLM.from_pretrained)"
     )
-
-
-def _load_as_trained(model: Any, tokenizer: Any, adapter: str) -> tuple[Any, bool]:
-    """Load an adapter onto the base it was trained on: a QLoRA folder's `quantization.json` puts
-    the model in NF4 first (eval and chat of a QLoRA adapter on the full-precision base would score
-    a model that was never trained), and a folder with added tokens grows the model and brings its
-    tokenizer. Returns the tokenizer to use and whether the base was quantized."""
-    from . import api
-    from .methods.qlora import quantize_as_trained
-    from .vocab import prepare_for_adapter
-
-    tokenizer = prepare_for_adapter(model, tokenizer, adapter)
-    quantized = quantize_as_trained(model, adapter) is not None
-    api.load_adapter(model, adapter, trainable=False)
-    return tokenizer, quantized
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -175,7 +161,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     model, tokenizer = api_load(args.model)
     if args.format == "peft":
-        _load_as_trained(model, tokenizer, args.adapter)
+        api.load_as_trained(model, tokenizer, args.adapter)
         out = api.export_lora(model, args.out)
         print(
             f"wrote a plain LoRA adapter folder to {out} (PeftModel.from_pretrained reads it; the same outputs)"
@@ -195,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             )
         from .quant.linear import dequantize_model
 
-        _load_as_trained(model, tokenizer, args.adapter)
+        api.load_as_trained(model, tokenizer, args.adapter)
         plain = api.merge_and_unload(model)
         dequantize_model(plain)
         export_merged_gguf(plain, base_gguf, out, args.outtype or "f16")
@@ -204,7 +190,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             lora = args.adapter
             if peft_type not in ("LORA", None):  # a fixed low-rank change: its LoRA form first
-                _load_as_trained(model, tokenizer, args.adapter)
+                api.load_as_trained(model, tokenizer, args.adapter)
                 lora = str(api.export_lora(model, Path(tmp) / "lora"))
             export_gguf_adapter(lora, out, model.config, args.outtype or "f32")
         print(f"wrote a llama.cpp adapter GGUF to {out} (llama-cli -m BASE.gguf --lora {out})")
@@ -289,7 +275,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         )
         return
     if args.adapter:
-        tokenizer, _ = _load_as_trained(model, tokenizer, args.adapter)
+        tokenizer, _ = api.load_as_trained(model, tokenizer, args.adapter)
         config = registry(model).configs["default"]
         if getattr(config, "invoked_on_base_cache", False):  # aLoRA: no merge; reuse the base cache
             conversation_repl(model, tokenizer, "default", max_new_tokens=args.max_new_tokens)

@@ -51,6 +51,17 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class Interrupt:
+    """A training hook that stops a run the way Ctrl-C would, after optimizer step `after` (1-based)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_step_end(self, model, step, total_steps):
+        if step + 1 == self.after:
+            raise KeyboardInterrupt
+
+
 @pytest.fixture
 def tiny() -> SimpleNamespace:
     return SimpleNamespace(
@@ -60,6 +71,7 @@ def tiny() -> SimpleNamespace:
         samples=make_samples,
         freeze_all_but=freeze_all_but,
         params_of=params_of,
+        Interrupt=Interrupt,
     )
 
 

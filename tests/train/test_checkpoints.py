@@ -12,17 +12,6 @@ from lorakit.train import CheckpointError, Trainer
 from lorakit.train import checkpoint as ckpt
 
 
-class Interrupt:
-    """Stops a run the way Ctrl-C would, after optimizer step `after` (1-based)."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def on_step_end(self, model, step, total_steps):
-        if step + 1 == self.after:
-            raise KeyboardInterrupt
-
-
 def held_out(model) -> dict[str, float]:
     """A deterministic evaluation: the mean of the trainable weights."""
     return {"probe": float(sum(p.double().sum() for p in model.parameters() if p.requires_grad))}
@@ -42,7 +31,9 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, make_con
     folder = tmp_path / "interrupted"
     config = make_config(steps=7, checkpoint_every=2, eval_every=2, output_dir=str(folder))
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny.gpt2(dropout=0.1), samples, config, hooks=[Interrupt(after=5)], eval_fn=held_out).train()
+        Trainer(
+            tiny.gpt2(dropout=0.1), samples, config, hooks=[tiny.Interrupt(after=5)], eval_fn=held_out
+        ).train()
     assert [p.name for _, p, _ in ckpt.list_checkpoints(folder / "checkpoints")] == [
         "step-000002",
         "step-000004",

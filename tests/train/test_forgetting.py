@@ -73,17 +73,6 @@ def test_losses_are_logged_per_source(tiny, make_config) -> None:
         assert low - 1e-6 <= r["task_loss"] <= high + 1e-6
 
 
-class _Interrupt:
-    """Stops a run the way Ctrl-C would, after optimizer step `after` (1-based)."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def on_step_end(self, model, step, total_steps):
-        if step + 1 == self.after:
-            raise KeyboardInterrupt
-
-
 def test_resume_continues_the_replay_stream(tiny, make_config, tmp_path) -> None:
     def run(folder: Path, seen: list, resume: bool = False, hooks=None) -> torch.nn.Module:
         model = _lora(tiny)
@@ -103,7 +92,7 @@ def test_resume_continues_the_replay_stream(tiny, make_config, tmp_path) -> None
     whole = run(tmp_path / "whole", whole_seen)
     first_seen: list = []
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", first_seen, hooks=[_Interrupt(after=3)])
+        run(tmp_path / "cut", first_seen, hooks=[tiny.Interrupt(after=3)])
     rest_seen: list = []
     resumed = run(tmp_path / "cut", rest_seen, resume=True)
     # steps 1-2 before the checkpoint, then (step 3 redone) 3-6: the same samples in the same order

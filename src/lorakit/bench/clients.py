@@ -112,7 +112,7 @@ def roundtrip(
     adapter: str, out: str | Path, prompts: int = 50, max_new_tokens: int = 24, threads: int = 2
 ) -> dict[str, Any]:
     from .. import api
-    from ..cli import _load_as_trained
+    from ..api import load_as_trained
     from ..data.tasks import load_task, score_exact_match
     from ..export_gguf import export_gguf_adapter, export_merged_gguf
     from ..models import _default_gguf, load_model
@@ -137,14 +137,14 @@ def roundtrip(
     # the base in f32 too: llama.cpp's 8-bit activations of Q4_1 matmuls blur a small adapter's
     # effect (~0.6 in the logits); on an f32 base only the adapter's own serving is compared
     export_merged_gguf(model, base_gguf, out / "base-f32.gguf", "f32")
-    _load_as_trained(model, adapter)
+    load_as_trained(model, tokenizer, adapter)
     export_gguf_adapter(adapter, out / "adapter.gguf", model.config, "f32")
     plain = api.merge_and_unload(model).eval()
     ours = [lorakit_greedy(plain, p, max_new_tokens, stops) for p in ids]
     for kind in MERGED_TYPES:
         export_merged_gguf(plain, base_gguf, out / f"merged-{kind}.gguf", kind)
     runs = {
-        "base (no adapter)": (dict(model_path=str(base_gguf)), base_ours),
+        "Q4_1 base (no adapter)": (dict(model_path=str(base_gguf)), base_ours),
         "Q4_1 base + adapter GGUF": (
             dict(model_path=str(base_gguf), lora_path=str(out / "adapter.gguf")),
             ours,
@@ -191,7 +191,7 @@ def roundtrip(
     for base in ("Q4_1", "f32"):
         adapted, alone = (
             firsts[f"{base} base + adapter GGUF"],
-            firsts[f"{base} base (no adapter)" if base == "f32" else "base (no adapter)"],
+            firsts[f"{base} base (no adapter)"],
         )
         errors = [
             np.linalg.norm((a - b) - m) / np.linalg.norm(m)
