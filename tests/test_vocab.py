@@ -416,3 +416,32 @@ def test_exports_that_cannot_carry_added_tokens_are_refused_before_the_model_loa
             ]
         )
     assert not (tmp_path / "p").exists() and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_fused_training_loss_keeps_the_rows_and_their_gradient(tied) -> None:
+    import torch.nn.functional as F
+
+    from lorakit.train import loss as loss_module
+
+    model, _, extension = _trained(tied, perturb=True)
+    ids = _ids(extension.tokenizer, "the hypertension and diabetes mellitus of the kidney")
+    labels = ids.clone()
+    labels[:, :3] = -100
+    mask = torch.ones_like(ids)
+    assert loss_module._row_replacing_head(model.get_output_embeddings()) is not None  # the fused path
+    total, count = loss_module.chunked_causal_lm_loss(model, ids, mask, labels, chunk_size=3)
+    total.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(ids).logits[:, :-1]  # the reference: full logits through the head's delta
+    reference = F.cross_entropy(
+        logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+    reference.backward()
+    assert count == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(total, reference, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fused[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(n.endswith(".rows") and fused[n].abs().sum() > 0 for n in fused)

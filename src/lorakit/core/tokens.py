@@ -88,6 +88,11 @@ class TokenRowsDelta(Delta):
         logits = F.linear(x, rows.to(x.dtype))  # x: hidden states; these tokens' logits
         return out.index_copy(out.dim() - 1, self.index, logits.to(out.dtype))
 
+    def replaces_rows(self) -> tuple[Tensor, Tensor]:
+        """(token ids, their rows) of a head: the fused training loss (lorakit.train.loss) puts
+        them into the head's weight and forms their gradient alone."""
+        return self.index, self.values
+
     def merged_weight(self, weight: Tensor) -> Tensor:
         return self._write(weight, self.values.detach())
 

@@ -106,6 +106,10 @@ def _chunked_ce(
     fused = cap is None  # the fused kernels know no soft-cap: the checkpointed chunks apply it
     if fused and type(head) is nn.Linear:
         return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_size)
+    replaced = _row_replacing_head(head) if fused else None
+    if replaced is not None:  # a head whose only change is trainable token rows: still fused
+        base, index, values = replaced
+        return linear_cross_entropy(rows, base.weight, base.bias, targets, chunk_size, (index, values))
     if fused and getattr(head, "is_quantized_linear", False) and getattr(head, "bias", None) is None:
         # a 4-bit head (an NF4 tied embedding): dequantize it once for all chunks, not per chunk
         return linear_cross_entropy(rows, head.dequantize(_compute_dtype(rows)), None, targets, chunk_size)
@@ -122,6 +126,19 @@ def _chunked_ce(
     return total
 
 
+def _row_replacing_head(head: nn.Module) -> tuple[nn.Linear, Tensor, Tensor] | None:
+    """(base Linear, token ids, their rows) when `head` is a plain Linear whose one active change is
+    a set of replaced rows (`Delta.replaces_rows`: trainable token rows), else None."""
+    layer = head if hasattr(head, "adapters") and hasattr(head, "base_layer") else None
+    if layer is None or type(layer.base_layer) is not nn.Linear or not layer.enabled or layer.weights:
+        return None
+    live = [d for n, d in layer.adapters.items() if n in layer.active and n not in layer.merged]
+    if len(live) != 1 or not callable(getattr(live[0], "replaces_rows", None)):
+        return None
+    index, values = live[0].replaces_rows()
+    return layer.base_layer, index, values
+
+
 LOGITS_CHUNK_BYTES = 24 * 2**20  # under glibc's 32 MB mmap ceiling: reused heap memory, no page faults
 
 
@@ -135,13 +152,22 @@ def _vocab(head: nn.Module) -> int:
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 0
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int = 0,
+    rows: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """sum_i CE(hidden_i @ weight^T + bias, targets_i), fp32, with the gradient formed in forward.
 
     hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) class indices (no ignore index:
     pass only the rows that count). Under autocast the matmuls run in the autocast dtype, as
     `nn.Linear` would; the softmax always runs in fp32 (fp64 for fp64 inputs).
+
+    `rows` = (index (n,), values (n, H)): the weight's rows `index` are `values` instead (trainable
+    token rows, core/tokens.py), and their gradient is formed for those n rows only, not for the
+    whole (V, H) weight.
     """
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
@@ -149,9 +175,10 @@ def linear_cross_entropy(
         )
     chunk = chunk_size if chunk_size > 0 else auto_chunk_rows(weight.shape[0])
     compute = _compute_dtype(hidden)  # read before autocast is switched off below
+    index, values = rows if rows is not None else (None, None)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(
-            hidden, weight, bias, targets, chunk, compute, torch.is_grad_enabled()
+            hidden, weight, bias, targets, chunk, compute, torch.is_grad_enabled(), index, values
         )
 
 
@@ -184,13 +211,17 @@ def _cast_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, compute, grads):  # type: ignore[no-untyped-def]
+    def forward(ctx, hidden, weight, bias, targets, chunk, compute, grads, index, values):  # type: ignore[no-untyped-def]
         need_h = grads and hidden.requires_grad
         need_w = grads and weight.requires_grad
         need_b = grads and bias is not None and bias.requires_grad
-        need_grad = need_h or need_w or need_b
+        need_r = grads and values is not None and values.requires_grad
+        need_grad = need_h or need_w or need_b or need_r
         acc = torch.promote_types(compute, torch.float32)
         h_all, w = hidden.to(compute), _cast_weight(weight, compute)
+        if index is not None:  # the replaced rows, in a copy (the cached frozen cast stays as it is)
+            w = w.index_copy(0, index, values.detach().to(compute))
+        d_rows = torch.zeros(values.shape, device=w.device, dtype=acc) if need_r else None
         b = None if bias is None else bias.to(compute)
         total = torch.zeros((), device=hidden.device, dtype=acc)
         d_hidden = torch.empty_like(h_all) if need_h else None
@@ -226,14 +257,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(logits, w, out=d_hidden[start : start + block])
             if need_w:
                 d_weight += (logits.t() @ h).to(acc)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            if need_r:
+                d_rows += (logits[:, index].t() @ h).to(acc)
+        if need_w and index is not None:  # the replaced rows' gradient goes to `values` only
+            d_weight[index] = 0
+        ctx.save_for_backward(d_hidden, d_weight, d_bias, d_rows)
+        ctx.dtypes = (
+            hidden.dtype,
+            weight.dtype,
+            None if bias is None else bias.dtype,
+            None if values is None else values.dtype,
+        )
         return total.float() if acc != torch.float64 else total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        d_hidden, d_weight, d_bias, d_rows = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype, r_dtype = ctx.dtypes
         scale = grad_out.to(torch.float32 if grad_out.dtype != torch.float64 else torch.float64)
 
         def scaled(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -247,6 +287,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            scaled(d_rows, r_dtype),
         )
 
 
