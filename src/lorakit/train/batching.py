@@ -107,16 +107,27 @@ def micro_batches(
     micro_batch_size: int,
     collate: Collate,
     pad_id: int,
+    replay: tuple[Sequence[Any], list[int]] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Split one optimizer batch; sorting by length first keeps padding inside each micro-batch low.
 
     Sorting does not change the step's gradient: the loss is a sum over all tokens of the batch.
+    `replay` = (samples, indices) drawn from replay data: sorted in with the rest (a micro-batch may
+    hold both, so replay adds no forward of its own), each batch then carries `replay_rows` (B,)
+    bool, by which the loss is reported per source.
     """
-    chosen = sorted(indices, key=lambda i: (len(field_of(samples[i], "input_ids")), i))
-    return [
-        collate([samples[i] for i in chosen[s : s + micro_batch_size]], pad_id)
-        for s in range(0, len(chosen), micro_batch_size)
-    ]
+    pool = [(samples, i, False) for i in indices]
+    if replay is not None:
+        pool += [(replay[0], i, True) for i in replay[1]]
+    pool.sort(key=lambda e: (len(field_of(e[0][e[1]], "input_ids")), e[2], e[1]))
+    batches = []
+    for start in range(0, len(pool), micro_batch_size):
+        part = pool[start : start + micro_batch_size]
+        batch = collate([source[i] for source, i, _ in part], pad_id)
+        if replay is not None:
+            batch["replay_rows"] = torch.tensor([is_replay for *_, is_replay in part])
+        batches.append(batch)
+    return batches
 
 
 def fingerprint(samples: Sequence[Any]) -> str:

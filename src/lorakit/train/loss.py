@@ -29,6 +29,7 @@ token count of a whole accumulated batch rather than average per micro-batch.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,8 @@ def chunked_causal_lm_loss(
     chunk_size: int = 0,
     verify_head: bool = False,
     keep_rows: Tensor | None = None,
+    row_groups: Tensor | None = None,
+    group_sums: dict[Any, tuple[float, int]] | None = None,
 ) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor]:
     """Return (sum of next-token CE over the non-ignored labels, number of those labels).
 
@@ -58,6 +61,9 @@ def chunked_causal_lm_loss(
 
     `keep_rows` (B, T) bool: also return the final hidden states at those positions, (N, H), from
     the same forward (the KL-to-base term reads them; `kl_to_reference`).
+
+    `row_groups` (B,): a group per row (replay or task); `group_sums` then receives each group's
+    (CE sum, label count), the total being their sum.
     """
     cap = softcap_of(model)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
@@ -86,7 +92,20 @@ def chunked_causal_lm_loss(
         if verify_head:
             _check_head(head, hidden, out.logits, cap)
     rows = hidden[:, :-1][keep]  # (N, H)
-    total = _chunked_ce(head, rows, targets[keep], chunk_size, cap) if count else hidden.new_zeros(())
+    if not count:
+        total = hidden.new_zeros(())
+    elif row_groups is None:
+        total = _chunked_ce(head, rows, targets[keep], chunk_size, cap)
+    else:  # one loss call per group: the same total, and each group's part for the log
+        group = row_groups.to(keep.device)[:, None].expand_as(keep)[keep]
+        labels_kept = targets[keep]
+        total = torch.zeros((), device=rows.device, dtype=torch.float32)
+        for value in group.unique().tolist():
+            pick = group == value
+            part = _chunked_ce(head, rows[pick], labels_kept[pick], chunk_size, cap)
+            total = total + part
+            if group_sums is not None:
+                group_sums[value] = (float(part.detach()), int(pick.sum()))
     if keep_rows is None:
         return total, count
     return total, count, hidden[keep_rows]

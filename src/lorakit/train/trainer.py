@@ -170,29 +170,21 @@ class Trainer:
     def _next_step(self, order: SampleOrder, progress: _Progress) -> dict[str, Any] | None:
         """Run one optimizer step; None when the whole batch has no loss token (it is skipped)."""
         replayed = self.replay.count(progress.step, self.config.batch_size) if self.replay else 0
+        task = order.take(self.config.batch_size - replayed)
         batches = micro_batches(
             self.samples,
-            order.take(self.config.batch_size - replayed),
+            task,
             self.config.micro_batch_size,
             self.collate,
             self.pad_id,
+            (self.replay.samples, self.replay_order.take(replayed)) if self.replay else None,
         )
-        sources = ["task"] * len(batches)
-        if replayed:
-            extra = micro_batches(
-                self.replay.samples,
-                self.replay_order.take(replayed),
-                self.config.micro_batch_size,
-                self.collate,
-                self.pad_id,
-            )
-            batches, sources = batches + extra, sources + ["replay"] * len(extra)
         loss_tokens = sum(loss_token_count(b["labels"]) for b in batches)
         if loss_tokens == 0:
             progress.skipped += 1
             return None
         tick = time.perf_counter()
-        record = self._optimizer_step(batches, sources, loss_tokens, progress.step)
+        record = self._optimizer_step(batches, loss_tokens, progress.step)
         seconds = time.perf_counter() - tick
         record["tokens_per_s"] = record["tokens"] / max(seconds, 1e-9)
         progress.step += 1
@@ -200,11 +192,9 @@ class Trainer:
         progress.last_loss = record["loss"]
         return record
 
-    def _optimizer_step(
-        self, batches: list[dict[str, Tensor]], sources: list[str], loss_tokens: int, step: int
-    ) -> dict:
+    def _optimizer_step(self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int) -> dict:
         self._call("on_step_start", step)
-        task_loss, per_batch, per_source = self._accumulate(batches, sources, loss_tokens, step)
+        task_loss, per_batch, per_source = self._accumulate(batches, loss_tokens, step)
         extras = self._extra_losses(set(per_batch))
         self._call("on_after_backward", step)
         grad_norm = self._clip(step)
@@ -227,7 +217,7 @@ class Trainer:
         }
 
     def _accumulate(
-        self, batches: list[dict[str, Tensor]], sources: list[str], loss_tokens: int, step: int
+        self, batches: list[dict[str, Tensor]], loss_tokens: int, step: int
     ) -> tuple[float, dict[str, float], dict[str, float]]:
         """Backpropagate every micro-batch's share of the token-mean loss, with the hooks'
         per-micro-batch terms weighted by the same share (and the KL-to-base term by its rows'
@@ -237,11 +227,12 @@ class Trainer:
         terms: dict[str, float] = {}
         per_source: dict[str, list[float]] = {}
         weight = self.config.kl_to_base
-        kl_masks = [_kl_rows(b, src) for b, src in zip(batches, sources, strict=True)] if weight else []
+        kl_masks = [_kl_rows(b) for b in batches] if weight else []
         kl_total = sum(int(m.sum()) for m in kl_masks)
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             kl_mask = kl_masks[i].to(self.device) if kl_total else None
+            groups: dict[Any, tuple[float, int]] = {}
             with self._autocast():
                 out = chunked_causal_lm_loss(
                     self.model,
@@ -251,6 +242,8 @@ class Trainer:
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
                     keep_rows=kl_mask,
+                    row_groups=batch.get("replay_rows"),
+                    group_sums=groups,
                 )
             loss_sum, count = out[0], out[1]
             extra = self._hook_terms("micro_batch_losses", set())  # read what this forward recorded
@@ -271,8 +264,9 @@ class Trainer:
                 terms["kl_to_base"] = terms.get("kl_to_base", 0.0) + float(kl.detach()) / kl_total
             loss.backward()
             total += value
-            sums = per_source.setdefault(sources[i], [0.0, 0])
-            sums[0], sums[1] = sums[0] + value, sums[1] + count
+            for replayed, (part, n) in groups.items():
+                sums = per_source.setdefault("replay" if replayed else "task", [0.0, 0])
+                sums[0], sums[1] = sums[0] + part, sums[1] + n
             for name, term in extra.items():
                 terms[name] = terms.get(name, 0.0) + share * float(term.detach())
         if "kl_to_base" in terms:  # logged as the mean KL per position; the loss adds weight x that
@@ -609,15 +603,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _kl_rows(batch: dict[str, Tensor], source: str) -> Tensor:
-    """The (B, T) positions the KL-to-base term covers: every attended position of a replay
-    micro-batch; in a task micro-batch the attended positions whose next token carries no loss
-    (the prompt), so the task's own answers stay free to move."""
+def _kl_rows(batch: dict[str, Tensor]) -> Tensor:
+    """The (B, T) positions the KL-to-base term covers: every attended position of a replay row;
+    in a task row the attended positions whose next token carries no loss (the prompt), so the
+    task's own answers stay free to move."""
     attended = batch["attention_mask"].bool()
-    if source == "replay":
-        return attended
     no_loss = torch.ones_like(attended)
     no_loss[:, :-1] = batch["labels"][:, 1:] == IGNORE_INDEX
+    replay = batch.get("replay_rows")
+    if replay is not None:
+        no_loss = no_loss | replay.to(no_loss.device)[:, None]
     return attended & no_loss
 
 
