@@ -73,11 +73,11 @@ class RunConfig:
         ),
     )
     replay: str | None = field(
-        default=None,
+        default="chatterbot:0.125",
         metadata=_help(
             "SOURCE:RATIO: mix general data into every batch against forgetting; SOURCE is chatterbot "
             "(chatterbot-corpus's English chat, trivia excluded) or a data file, RATIO the share of each "
-            "batch in [0, 1), e.g. chatterbot:0.25"
+            "batch in [0, 1), e.g. chatterbot:0.25; none to switch it off (docs/forgetting.md)"
         ),
     )
     add_tokens: str | None = field(

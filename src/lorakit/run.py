@@ -78,7 +78,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     replay = build_replay(cfg, tokenizer, replay_data)
     if replay is not None:
         say(
-            f"replay: {len(replay.samples)} samples of {cfg.replay.rpartition(':')[0]}, {replay.ratio:.0%} of each batch"
+            f"replay: {len(replay.samples)} samples of {cfg.replay.rpartition(':')[0]}, {replay.ratio:.1%} of each batch"
         )
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"

@@ -140,9 +140,14 @@ def parse_replay(spec: str) -> tuple[str, float]:
     return source, ratio
 
 
+def replay_on(cfg: RunConfig) -> bool:
+    """Whether the run replays general data (the default, `chatterbot:0.125`; `--replay none` is off)."""
+    return bool(cfg.replay) and cfg.replay.strip().lower() not in ("none", "off")
+
+
 def read_replay(cfg: RunConfig) -> tuple[list[Any], float] | None:
     """The replay conversations and ratio of `--replay`, read before any model loads."""
-    if not cfg.replay:
+    if not replay_on(cfg):
         return None
     source, ratio = parse_replay(cfg.replay)
     if source == "chatterbot":

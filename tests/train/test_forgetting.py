@@ -216,3 +216,12 @@ def test_general_question_probe() -> None:
     first = general_questions(5)
     assert len(first) == 5 and first == general_questions(5)
     assert general_questions(260)[:5] == first and general_questions(0) == []
+
+
+def test_replay_is_on_by_default_and_none_switches_it_off() -> None:
+    from lorakit.options import RunConfig
+    from lorakit.run_data import read_replay
+
+    conversations, ratio = read_replay(RunConfig())
+    assert ratio == 0.125 and len(conversations) == 488  # chatterbot's English chat, trivia excluded
+    assert read_replay(RunConfig(replay="none")) is None and read_replay(RunConfig(replay="OFF")) is None
