@@ -35,8 +35,10 @@ for arm in "${@:-${ORDER[@]}}"; do
   [ -n "${ARMS[$arm]+x}" ] || { echo "no arm $arm; arms: ${ORDER[*]}"; exit 2; }
   if [ -f "$out/$arm/metrics.json" ]; then echo "$arm: done before, kept"; continue; fi
   rm -rf "${out:?}/$arm"
+  opts=${ARMS[$arm]}
+  [[ $opts == *--replay* ]] || opts="--replay none $opts"  # replay became the default after this study
   # shellcheck disable=SC2086  # the options are words
-  PYTHONPATH=${SRC:-src} /usr/bin/time -v .venv/bin/lorakit train --no-progress-bar --output-dir "$out/$arm" ${ARMS[$arm]} \
+  PYTHONPATH=${SRC:-src} /usr/bin/time -v .venv/bin/lorakit train --no-progress-bar --output-dir "$out/$arm" $opts \
     > "$out/$arm.log" 2> "$out/$arm.time"
   grep -E "held-out exact|perplexity|KL from|general questions" "$out/$arm.log" | sed "s/^/$arm: /" || true
 done
