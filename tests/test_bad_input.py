@@ -274,12 +274,12 @@ def test_a_diverging_run_stops_with_the_step_and_the_last_checkpoint(tmp_path) -
     calls = {"n": 0}
     original = trainer._accumulate
 
-    def poisoned(batches, sources, loss_tokens, step):
+    def poisoned(batches, loss_tokens, step):
         calls["n"] += 1
         if calls["n"] == 3:
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
-        return original(batches, sources, loss_tokens, step)
+        return original(batches, loss_tokens, step)
 
     trainer._accumulate = poisoned
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3.*step-000002"):
