@@ -259,7 +259,7 @@ def test_auto_tokens_for_a_run_and_in_place_methods_refused() -> None:
     said = []
     extension = vocab.for_run(cfg, models.tiny_tokenizer(), conversations, False, said.append)
     assert len(extension.strings) == 3 and "hypertension" in extension.strings
-    assert "3 tokens added (auto)" in said[0] and "instead of" in said[0]
+    assert "3 tokens added (auto)" in said[0] and "instead of" in said[0] and "lorakit merge" in said[1]
     with pytest.raises(ValueError, match="--method full trains base weights in place"):
         vocab.for_run(
             SimpleNamespace(**{**vars(cfg), "method": "full"}),

@@ -382,4 +382,8 @@ def for_run(
         f"vocabulary: {len(strings)} tokens added ({cfg.add_tokens}); the training text takes {after:,} "
         f"tokens instead of {before:,} ({after / max(before, 1) - 1:+.1%}); rows initialised by {cfg.token_init}"
     )
+    say(
+        "note: vLLM, SGLang and llama.cpp serve no trainable token rows in an adapter; serve the merged "
+        "model (lorakit merge writes it with the extended tokenizer)"
+    )
     return extension
