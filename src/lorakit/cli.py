@@ -352,13 +352,7 @@ def cmd_vocab(args: argparse.Namespace) -> None:
     print(f"{'new tokens':>10}  {'tokens':>10}  {'per sample':>10}  {'per char':>8}  {'change':>7}")
     before = token_count(tokenizer, texts)
     for n in sizes:
-        picked = (
-            proposals
-            if n == len(proposals)
-            else propose_tokens(tokenizer, texts, n, args.min_count)
-            if n
-            else []
-        )
+        picked = proposals[:n]  # greedy by rounds: the first n are what --max-new n would propose
         count = (
             token_count(extend_tokenizer(tokenizer, [p.string for p in picked]).tokenizer, texts)
             if picked

@@ -144,7 +144,7 @@ def _add(tokenizer: Any, strings: list[str]) -> int:
 
 
 def token_count(tokenizer: Any, texts: Sequence[str]) -> int:
-    return sum(_lengths(tokenizer, list(texts))) if texts else 0
+    return sum(_lengths(tokenizer, list(texts)))
 
 
 def read_token_file(path: str | os.PathLike) -> list[str]:
@@ -363,10 +363,9 @@ def for_run(
             f"--add-tokens trains the new tokens' rows next to an adapter; --method {cfg.method} trains "
             "base weights in place (full fine-tuning trains the whole embedding): use an adapter method"
         )
+    texts = conversation_texts(conversations)
     if cfg.add_tokens == "auto":
-        proposals = propose_tokens(
-            tokenizer, conversation_texts(conversations), cfg.vocab_max_new, cfg.vocab_min_count
-        )
+        proposals = propose_tokens(tokenizer, texts, cfg.vocab_max_new, cfg.vocab_min_count)
         if not proposals:
             raise ValueError(
                 f"--add-tokens auto found no string in the training data that occurs {cfg.vocab_min_count}+ "
@@ -376,7 +375,6 @@ def for_run(
     else:
         strings = read_token_file(cfg.add_tokens)
     extension = extend_tokenizer(tokenizer, strings)
-    texts = conversation_texts(conversations)
     before, after = token_count(tokenizer, texts), token_count(extension.tokenizer, texts)
     say(
         f"vocabulary: {len(strings)} tokens added ({cfg.add_tokens}); the training text takes {after:,} "

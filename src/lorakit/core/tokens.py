@@ -60,17 +60,12 @@ class TokenRowsDelta(Delta):
             if tied_to.token_ids != self.token_ids:
                 raise ValueError("a tied head's trainable rows must be the embedding's")
             self.__dict__["peft_keys"] = {}  # saved with the embedding's delta
+            self.__dict__["roles"] = {}  # and trained as its parameter
 
     @property
     def values(self) -> Tensor:
         tied = self.__dict__["tied_to"]
         return self.rows if tied is None else tied.rows
-
-    def role_parameters(self) -> dict[Role, list[nn.Parameter]]:
-        return {} if self.__dict__["tied_to"] is not None else {Role.TOKENS: [self.rows]}
-
-    def export_state(self) -> dict[str, Tensor]:
-        return {} if self.__dict__["tied_to"] is not None else {PEFT_SUFFIX: self.rows.detach()}
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
         return self.add_to(base_out, x, base_out, layer) - base_out
