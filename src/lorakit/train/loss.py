@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.contract import AdaptedLayer
+
 IGNORE_INDEX = -100
 
 
@@ -148,7 +150,7 @@ def _chunked_ce(
 def _row_replacing_head(head: nn.Module) -> tuple[nn.Linear, Tensor, Tensor] | None:
     """(base Linear, token ids, their rows) when `head` is a plain Linear whose one active change is
     a set of replaced rows (`Delta.replaces_rows`: trainable token rows), else None."""
-    layer = head if hasattr(head, "adapters") and hasattr(head, "base_layer") else None
+    layer = head if isinstance(head, AdaptedLayer) else None
     if layer is None or type(layer.base_layer) is not nn.Linear or not layer.enabled or layer.weights:
         return None
     live = [d for n, d in layer.adapters.items() if n in layer.active and n not in layer.merged]
