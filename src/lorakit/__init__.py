@@ -45,6 +45,7 @@ from .methods import (
     loraplus_lr_ratios,
     loraplus_optimizer,
 )
+from .methods.longlora import LongLoRAConfig
 from .methods.mopeft import MoPEFTConfig
 from .methods.qlora import QLoRAConfig
 from .methods.quantum import QuantumPEFTConfig
@@ -76,6 +77,7 @@ __all__ = [
     "QLoRAConfig",
     "QuantumPEFTConfig",
     "MoPEFTConfig",
+    "LongLoRAConfig",
     "export_lora",
     "merge_adapters",
     "loraplus_lr_ratios",

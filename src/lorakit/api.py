@@ -12,6 +12,7 @@ from torch import nn
 from .core import model as core
 from .core import state
 from .methods import LoRAConfig, config_from_peft
+from .methods.longlora import check_positions
 
 
 def apply(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Module:
@@ -38,6 +39,7 @@ def load_adapter(
     Builds the adapter its config describes, checks every key and shape, and leaves the model as
     it was if anything does not fit. The adapter is active and, unlike PEFT's default, trainable.
     """
+    check_positions(model, path)  # a LongLoRA folder needs the positions it was trained with
     config = state.load_adapter(model, path, config_from_peft, adapter_name, trainable)
     core.freeze_base(model)
     return config
@@ -47,12 +49,15 @@ def load_as_trained(model: nn.Module, tokenizer: Any, folder: str | os.PathLike)
     """Load an adapter folder onto the base it was trained on, frozen, as eval, chat and merge do: a
     QLoRA folder's `quantization.json` puts the model in NF4 first (scoring a QLoRA adapter on the
     full-precision base would score a model that was never trained), and a folder with added tokens
-    grows the model and brings its tokenizer. Returns the tokenizer to use and whether the base was
+    grows the model and brings its tokenizer; a LongLoRA folder's `context.json` extends the
+    positions as in training. Returns the tokenizer to use and whether the base was
     quantized."""
+    from .methods.longlora import extend_as_trained
     from .methods.qlora import quantize_as_trained
     from .vocab import prepare_for_adapter
 
     tokenizer = prepare_for_adapter(model, tokenizer, folder)
+    extend_as_trained(model, folder)  # a LongLoRA folder's position interpolation
     quantized = quantize_as_trained(model, folder) is not None
     load_adapter(model, folder, trainable=False)
     return tokenizer, quantized

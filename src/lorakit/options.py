@@ -225,6 +225,29 @@ class RunConfig:
         default=False,
         metadata=_help("qlora: also store the embedding table (and the output head, tied or not) in NF4"),
     )
+    modules_to_save: str | None = field(
+        default=None,
+        metadata=_help(
+            "LoRA-family methods: modules trained whole beside the adapter, by PEFT's rule (names that "
+            "module names end with, comma-separated, e.g. embed_tokens,norm); longlora: embed_tokens,norm"
+        ),
+    )
+    context: int = field(
+        default=0,
+        metadata=_help(
+            "longlora: the new context window in tokens (position interpolation from the model's own); "
+            "0 keeps the window"
+        ),
+    )
+    rope: str = field(
+        default="linear", metadata=_help("longlora: position interpolation, linear (the paper's) or yarn")
+    )
+    s2_ratio: float = field(
+        default=0.25,
+        metadata=_help(
+            "longlora: S2-Attn group size as a share of the sequence in training (0: dense attention)"
+        ),
+    )
 
 
 # Run option -> the method-config fields that use it (any one of them; the first gets its value);
@@ -260,6 +283,10 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "gate": ("gate",),
     "top_k": ("top_k",),
     "balance_weight": ("balance_weight",),
+    "modules_to_save": ("modules_to_save",),
+    "context": ("context",),
+    "rope": ("rope",),
+    "s2_ratio": ("s2_ratio",),
 }
 
 
@@ -291,6 +318,9 @@ def method_config(cfg: RunConfig, tokenizer: Any = None, seed: int | None = None
     values.update(  # the options that are not passed on as they are
         target_modules=_targets(cfg.target_modules),
         exclude_modules=_targets(cfg.exclude_modules),
+        modules_to_save=[m.strip() for m in cfg.modules_to_save.split(",") if m.strip()]
+        if cfg.modules_to_save
+        else None,
         loraplus_ratio=cfg.loraplus_ratio or None,  # 0 = off
         target_rank=cfg.target_rank or cfg.rank,
         init_from="text" if cfg.prompt_init_text else None,

@@ -140,6 +140,17 @@ CASES = [
         ),
         mergeable=False,
     ),
+    # whole modules trained beside LoRA (core/copies.py); tied embeddings, so the head moves too
+    Case(
+        "lora-modules-to-save-llama-tied",
+        lambda: tiny_llama(tie_word_embeddings=True),
+        lambda: lk.LoRAConfig(
+            rank=4, alpha=6, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "norm"]
+        ),
+    ),
+    # LongLoRA at the model's own window (position interpolation changes the base function on
+    # purpose: tests/methods/test_longlora.py) and dense attention (S2 needs whole groups of tokens)
+    Case("longlora-llama-bias", lambda: tiny_llama(bias=True), lambda: lk.LongLoRAConfig(s2_ratio=0)),
     # QLoRA's base is the 4-bit model (so the model is quantized before the battery's "base" is
     # taken); merging swaps in full precision and unmerge restores the 4-bit layer exactly.
     Case(
@@ -327,7 +338,12 @@ def test_merge_refuses_nan_and_changes_nothing(case: Case) -> None:
     lk.apply(model, case.make_config())
     _train_a_little(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    last = [m for m in model.modules() if isinstance(m, lk.Delta)][-1]
+    scaled = [
+        m
+        for m in model.modules()
+        if isinstance(m, lk.Delta) and {lk.Role.B, lk.Role.SINGULAR} & set(m.role_parameters())
+    ]
+    last = scaled[-1]  # not a module copy (modules_to_save): a low-rank delta
     with torch.no_grad():
         roles = last.role_parameters()  # poison the factor that scales the update: B, or lambda
         poisoned = next(iter(roles.get(lk.Role.B) or roles[lk.Role.SINGULAR]))

@@ -145,6 +145,7 @@ class AdaptedLayer(nn.Module):
         self.weights: dict[str, float] = {}  # adapter -> scale of its output (set by core.weighted)
         self.merged: list[str] = []
         self.enabled = True
+        self.replaced = False  # an adapter holds a whole copy of this module (core/copies.py)
         self.weight_layout = _layout(base_layer)
         # A quantized base (lorakit.quant.Linear4bit) is swapped for its full-precision layer while
         # merged (merging into 4 bits would re-quantize); the 4-bit original waits here for unmerge.
@@ -179,7 +180,7 @@ class AdaptedLayer(nn.Module):
         if self.is_quantized:
             return self.base_layer.dequantize(torch.float32)
         w = self.base_layer.weight.detach()
-        return (w if self.weight_layout == "out_in" else w.T).float()
+        return (w if self.weight_layout == "out_in" or w.ndim == 1 else w.T).float()
 
     def set_weight_out_in(self, weight: Tensor) -> None:
         if self.is_quantized:
@@ -189,21 +190,25 @@ class AdaptedLayer(nn.Module):
                 "lorakit.quant.dequantize_model(model) first"
             )
         target = self.base_layer.weight
-        value = weight if self.weight_layout == "out_in" else weight.T
+        value = weight if self.weight_layout == "out_in" or weight.ndim == 1 else weight.T
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         modules = self._modules  # read directly: a decoded token's whole LoRA branch takes ~10 us
-        out = modules["base_layer"](x, *args, **kwargs)
         deltas, merged = modules["adapters"]._modules, self.merged
         if len(merged) == len(deltas):  # all folded in: exactly the base layer's cost
-            return out
-        base_out = out
+            return modules["base_layer"](x, *args, **kwargs)
         active = self.active if self.enabled else ()
+        replacing = self._replacing(deltas, active, merged) if self.replaced else None
+        if replacing is None:
+            out = modules["base_layer"](x, *args, **kwargs)
+        else:  # an active adapter's own copy of this module stands in for it (core/copies.py)
+            out = deltas[replacing].compute(self, x, *args, **kwargs)
+        base_out = out
         weights = self.weights
         for name, delta in deltas.items():
-            if name in merged:
+            if name in merged or name == replacing:
                 continue
             if name in active:
                 if name in weights:  # a per-input router's weighting (lorakit.routing)
@@ -214,10 +219,28 @@ class AdaptedLayer(nn.Module):
                 out = out + correction
         return out
 
+    def _replacing(self, deltas: dict[str, Any], active: Any, merged: list[str]) -> str | None:
+        """The active, unmerged adapter whose copy of this module computes in its place, if any."""
+        live = [n for n in active if n not in merged and getattr(deltas[n], "replaces_output", False)]
+        if len(live) > 1:
+            raise RuntimeError(
+                f"adapters {live} each train their own copy of this module (modules_to_save); "
+                "activate one of them at a time"
+            )
+        if live and live[0] in self.weights:
+            raise ValueError(
+                f"adapter {live[0]!r} trains a whole copy of this module, which cannot be scaled by a "
+                "weight; route or combine adapters without modules_to_save"
+            )
+        return live[0] if live else None
+
     def merge(self, name: str) -> None:
         """Fold delta `name` into the base weight; refuses (changing nothing) on NaN/Inf."""
         if name in self.merged:
             raise RuntimeError(f"adapter '{name}' is already merged into this layer")
+        if getattr(self.adapters[name], "shares_weight", False):  # a tied head: the embedding's merge
+            self.merged.append(name)  # writes the tensor both layers hold
+            return
         new = self.adapters[name].merged_weight(self.weight_out_in())
         if not torch.isfinite(new).all():
             raise ValueError(
@@ -239,6 +262,9 @@ class AdaptedLayer(nn.Module):
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             raise RuntimeError(f"adapter '{name}' is not merged into this layer")
+        if getattr(self.adapters[name], "shares_weight", False):
+            self.merged.remove(name)
+            return
         if self.quantized_base is not None and self.merged == [name]:  # back to the exact 4-bit original
             self._set_base(self.quantized_base)
             self.quantized_base = None

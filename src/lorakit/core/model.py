@@ -18,6 +18,7 @@ from torch import nn
 
 from .context import drop_contributor, holder_of
 from .contract import AdaptedLayer, Delta, LayerMethodConfig, ModelAdapter, Role, TrainingHooks
+from .copies import add_module_copies
 from .target import find_targets
 
 
@@ -136,6 +137,9 @@ def inject(model: nn.Module, config: LayerMethodConfig, adapter_name: str) -> li
             layer.train(module.training)
             if delta.needs_context:
                 _bind_context(model, config, adapter_name, layer, delta)
+        copies = getattr(config, "modules_to_save", None)  # whole modules trained beside the deltas
+        if copies:
+            add_module_copies(model, adapter_name, copies, getattr(config, "ensure_weight_tying", True))
     except Exception:
         delete_adapter(model, adapter_name)
         raise

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .copies import copy_settings
 from .io import atomic_folder, non_finite
 from .model import adapter_deltas, add_adapter, delete_adapter, model_adapters, registry, set_active
 from .target import candidates
@@ -80,12 +81,17 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
     else:
         deltas = [(p, layer, d) for p, layer, d in adapter_deltas(model, name) if d.is_target]
         peft_config = config.to_peft_dict()
+        every = [d for _, _, d in adapter_deltas(model, name)]
+        tied = any(getattr(d, "shares_weight", False) for d in every)
+        peft_config.update(copy_settings(every, getattr(config, "modules_to_save", None), tied))
         peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
         peft_config["exclude_modules"] = None
         if any(_stores_in_out(layer) for _, layer, _ in deltas):
             peft_config["fan_in_fan_out"] = True  # GPT-2 Conv1D stores its weight as (in, out)
         make_extra = getattr(config, "extra_files", None)  # e.g. QLoRA's record of its 4-bit base
         extra = {**extra, **(make_extra() if callable(make_extra) else {})}
+        make_for = getattr(config, "extra_files_for", None)  # records of the model (LongLoRA's positions)
+        extra = {**extra, **(make_for(model) if callable(make_for) else {})}
         tensors = {}
     tensors.update(adapter_tensors(model, name))
     if token_indices is not None:

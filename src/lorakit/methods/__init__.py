@@ -11,6 +11,7 @@ from .adapter import AdapterConfig
 from .alora import ALoRAConfig
 from .dora import DoRAConfig
 from .inplace import IN_PLACE, BitFitConfig, FullFinetuneConfig, NormTuningConfig
+from .longlora import LongLoRAConfig
 from .lora import LoRAConfig
 from .loraplus import LoRAPlusConfig, loraplus_lr_ratios, loraplus_optimizer, loraplus_param_groups
 from .mopeft import MoPEFTConfig
@@ -35,6 +36,7 @@ METHODS: dict[str, type] = {
     "full": FullFinetuneConfig,
     "quantum": QuantumPEFTConfig,
     "mopeft": MoPEFTConfig,
+    "longlora": LongLoRAConfig,
 }
 
 

@@ -138,6 +138,10 @@ class AdaLoRAConfig:
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> AdaLoRAConfig:
         _refuse_unsupported(d)
+        if d.get("modules_to_save"):
+            raise ValueError(
+                "this AdaLoRA adapter uses modules_to_save, which lorakit's AdaLoRA does not support yet"
+            )
         pattern = {
             _module_of(key): [bool(v) for v in kept] for key, kept in (d.get("rank_pattern") or {}).items()
         }

@@ -54,6 +54,11 @@ class LoRAConfig:
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # whole modules trained beside the LoRA (PEFT's rule: names that module names end with), e.g.
+    # ["embed_tokens", "norm"]; with tied embeddings the head moves with the embedding unless
+    # ensure_weight_tying is False (core/copies.py)
+    modules_to_save: list[str] | None = None
+    ensure_weight_tying: bool = True
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -129,6 +134,8 @@ class LoRAConfig:
             use_rslora=bool(d.get("use_rslora", False)),
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            modules_to_save=list(d.get("modules_to_save") or []) or None,
+            ensure_weight_tying=bool(d.get("ensure_weight_tying", False)),  # PEFT's default
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +156,6 @@ def _targets_from_peft(value: Any) -> TargetSpec:
 
 def _refuse_unsupported(d: dict[str, Any]) -> None:
     checks = {
-        "modules_to_save": d.get("modules_to_save"),
         "bias": d.get("bias") not in (None, "none"),
         "lora_bias": d.get("lora_bias"),
         "layers_to_transform": d.get("layers_to_transform"),

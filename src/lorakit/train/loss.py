@@ -128,9 +128,9 @@ def _chunked_ce(
     if fused and type(head) is nn.Linear:
         return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_size)
     replaced = _row_replacing_head(head) if fused else None
-    if replaced is not None:  # a head whose only change is trainable token rows: still fused
-        base, index, values = replaced
-        return linear_cross_entropy(rows, base.weight, base.bias, targets, chunk_size, (index, values))
+    if replaced is not None:  # a head whose only change is token rows or a whole copy: still fused
+        weight, bias, token_rows = replaced
+        return linear_cross_entropy(rows, weight, bias, targets, chunk_size, token_rows)
     if fused and getattr(head, "is_quantized_linear", False) and getattr(head, "bias", None) is None:
         # a 4-bit head (an NF4 tied embedding): dequantize it once for all chunks, not per chunk
         return linear_cross_entropy(rows, head.dequantize(_compute_dtype(rows)), None, targets, chunk_size)
@@ -147,17 +147,24 @@ def _chunked_ce(
     return total
 
 
-def _row_replacing_head(head: nn.Module) -> tuple[nn.Linear, Tensor, Tensor] | None:
-    """(base Linear, token ids, their rows) when `head` is a plain Linear whose one active change is
-    a set of replaced rows (`Delta.replaces_rows`: trainable token rows), else None."""
+def _row_replacing_head(head: nn.Module) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None] | None:
+    """(weight, bias, token rows or None) when `head` is a plain Linear whose one active change
+    replaces rows of its weight (`Delta.replaces_rows`: trainable token rows; the base weight with
+    (token ids, their rows)) or the whole weight (`Delta.replaced_weight`: a trained copy of the
+    module, core/copies.py), else None."""
     layer = head if isinstance(head, AdaptedLayer) else None
     if layer is None or type(layer.base_layer) is not nn.Linear or not layer.enabled or layer.weights:
         return None
     live = [d for n, d in layer.adapters.items() if n in layer.active and n not in layer.merged]
-    if len(live) != 1 or not callable(getattr(live[0], "replaces_rows", None)):
+    if len(live) != 1:
         return None
-    index, values = live[0].replaces_rows()
-    return layer.base_layer, index, values
+    if callable(whole := getattr(live[0], "replaced_weight", None)):
+        weight, bias = whole()
+        return weight, bias, None
+    if not callable(getattr(live[0], "replaces_rows", None)):
+        return None
+    base = layer.base_layer
+    return base.weight, base.bias, live[0].replaces_rows()
 
 
 LOGITS_CHUNK_BYTES = 24 * 2**20  # under glibc's 32 MB mmap ceiling: reused heap memory, no page faults
