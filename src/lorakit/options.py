@@ -242,6 +242,25 @@ class RunConfig:
     rope: str = field(
         default="linear", metadata=_help("longlora: position interpolation, linear (the paper's) or yarn")
     )
+    long_eval_lengths: str | None = field(
+        default=None,
+        metadata=_help(
+            "--task wiki: perplexity and passkey lengths in tokens, comma-separated (default: the "
+            "model's window and the training length)"
+        ),
+    )
+    long_eval_tokens: int = field(
+        default=0,
+        metadata=_help(
+            "--task wiki: held-out tokens scored at each length (default: one row of the longest)"
+        ),
+    )
+    passkey_per_depth: int = field(
+        default=1,
+        metadata=_help(
+            "--task wiki: passkey prompts per depth (10%%, 50%%, 90%%) and length; 0 skips the test"
+        ),
+    )
     s2_ratio: float = field(
         default=0.25,
         metadata=_help(

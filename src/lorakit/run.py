@@ -46,6 +46,9 @@ SCORING_ONLY = (
     "skip_eval",
     "base_eval_cache",
     "attention",
+    "long_eval_lengths",
+    "long_eval_tokens",
+    "passkey_per_depth",
 )
 
 
@@ -53,7 +56,12 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     """Fine-tune, evaluate before and after, write the adapter, metrics.json and the loss plot.
 
     Everything that can be checked without the model is checked first (options, data, the
-    tokenised samples), and the output folder is created only then."""
+    tokenised samples), and the output folder is created only then. Long-document tasks (`--task
+    wiki`) train and score differently: lorakit.long.run."""
+    from .long.run import DOCUMENT_TASKS, train_documents_run
+
+    if cfg.task in DOCUMENT_TASKS and not cfg.data:
+        return train_documents_run(cfg, train_cfg, say)
     torch.manual_seed(train_cfg.seed)
     out_dir = Path(train_cfg.output_dir)
     if not train_cfg.resume:  # before the model loads; the trainer checks again for library users

@@ -52,13 +52,21 @@ class LongLoRAConfig(LoRAConfig):
     s2_ratio: float = 0.25
 
     peft_type: ClassVar[str] = "LORA"  # the folder is a LoRA folder; context.json holds the rest
+    # below LoRA's 1e-3: the embedding and norms train whole (the paper used 2e-5 on 7B models);
+    # not tuned here yet
+    default_lr: ClassVar[float] = 2e-4
     # the paper's LoRA settings, and activation checkpointing (it trains with it: from 4k tokens on
     # the activations are most of the memory)
+    # `lorakit train --method longlora`: long Wikipedia articles packed into rows of --context tokens
+    # (lorakit.long.run), one row per step (raise --batch-size to accumulate)
     run_defaults: ClassVar[dict[str, Any]] = {
         "rank": 8,
         "alpha": 16.0,
         "target_modules": ",".join(QKVO),
         "gradient_checkpointing": True,
+        "task": "wiki",
+        "batch_size": 1,
+        "micro_batch_size": 1,
     }
 
     def __post_init__(self) -> None:
