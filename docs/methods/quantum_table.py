@@ -49,7 +49,9 @@ def row(folder: Path) -> dict | None:
 runs = {p.name: r for p in sorted(study.iterdir()) if p.is_dir() and (r := row(p))}
 if (r := row(lora16)) is not None:
     runs["lora-r16 (default run)"] = r
-print("| run | lr | seed | trainable | exact match | answer NLL | general ppl | KL | final loss | tokens/s | train s | peak RSS GB |")
+print(
+    "| run | lr | seed | trainable | exact match | answer NLL | general ppl | KL | final loss | tokens/s | train s | peak RSS GB |"
+)
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, r in runs.items():
     rss = f"{r['rss']:.2f}" if r["rss"] else ""

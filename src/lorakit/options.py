@@ -229,7 +229,7 @@ class RunConfig:
         default=None,
         metadata=_help(
             "LoRA-family methods: modules trained whole beside the adapter, by PEFT's rule (names that "
-            "module names end with, comma-separated, e.g. embed_tokens,norm); longlora: embed_tokens,norm"
+            "module names end with, comma-separated, e.g. embed_tokens,norm; none: no module); longlora: embed_tokens,norm"
         ),
     )
     context: int = field(
@@ -337,9 +337,7 @@ def method_config(cfg: RunConfig, tokenizer: Any = None, seed: int | None = None
     values.update(  # the options that are not passed on as they are
         target_modules=_targets(cfg.target_modules),
         exclude_modules=_targets(cfg.exclude_modules),
-        modules_to_save=[m.strip() for m in cfg.modules_to_save.split(",") if m.strip()]
-        if cfg.modules_to_save
-        else None,
+        modules_to_save=_module_list(cfg.modules_to_save),
         loraplus_ratio=cfg.loraplus_ratio or None,  # 0 = off
         target_rank=cfg.target_rank or cfg.rank,
         init_from="text" if cfg.prompt_init_text else None,
@@ -358,6 +356,15 @@ def optimizer_groups(
     if cfg.loraplus_ratio and not ratios:
         return loraplus_param_groups(model, train_cfg.lr, cfg.loraplus_ratio, train_cfg.weight_decay)
     return api.param_groups(model, train_cfg.lr, train_cfg.weight_decay, ratios)
+
+
+def _module_list(spec: str | None) -> list[str] | None:
+    """--modules-to-save: comma-separated names; "none" trains no whole module (longlora: LoRA only)."""
+    if spec is None:
+        return None
+    if spec.strip().lower() == "none":
+        return []
+    return [m.strip() for m in spec.split(",") if m.strip()]
 
 
 def _targets(spec: str | list[str] | None) -> str | list[str] | None:

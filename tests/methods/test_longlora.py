@@ -166,6 +166,8 @@ def test_cli_options_reach_the_config() -> None:
     )
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert config.modules_to_save == ["embed_tokens", "norm"] and train.gradient_checkpointing
+    run, _ = split_options({"method": "longlora", "modules_to_save": "none"})
+    assert method_config(run).modules_to_save == []  # the paper's "LoRA only" arm
     run, _ = split_options({"method": "lora", "modules_to_save": "embed_tokens,norm"})
     assert method_config(run).modules_to_save == ["embed_tokens", "norm"]
     with pytest.raises(ValueError, match="--context does not apply to --method lora"):
