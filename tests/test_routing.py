@@ -178,6 +178,16 @@ def test_the_router_command_trains_checks_and_writes(setup: dict, tmp_path, caps
     out = capsys.readouterr().out
     assert "abc: 4/4 held-out prompts routed to its adapter" in out and "xyz: 4/4" in out
     assert TaskRouter.load(tmp_path / "r").names == ["abc", "xyz"]
+    mixed = tmp_path / "mixed.jsonl"  # held-out items of both tasks, scored with each one's pick
+    rows = [
+        {"prompt": p, "completion": "ok"} for n, s in (("abc", 30), ("xyz", 31)) for p in _prompts(n, 2, s)
+    ]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["eval", "--router", str(tmp_path / "r"), "--model", str(base), "--data", str(files["abc"]),
+          "--eval-data", str(mixed), "--eval-max-new-tokens", "3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "routed exact match (pick):" in out and "of 4" in out
+    assert "abc                      2 items" in out and "xyz                      2 items" in out
     for bad, says in (
         (["--data", f"abc={files['abc']}"], "must be the same tasks"),
         (["--data", "abc"], "NAME=VALUE pairs"),
@@ -186,3 +196,34 @@ def test_the_router_command_trains_checks_and_writes(setup: dict, tmp_path, caps
             main(["router", "--adapters", adapters, "--out", str(tmp_path / "bad"), *bad])
         assert says in str(stop.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_routed_exact_match_answers_each_item_with_its_pick(setup: dict) -> None:
+    from lorakit.data.tasks import EvalItem
+    from lorakit.routing import routed_exact_match
+    from lorakit.train.evaluate import generate_answers
+
+    model, tok = _loaded(setup), setup["tokenizer"]
+    prompts = {"abc": _prompts("abc", 3, 21), "xyz": _prompts("xyz", 3, 22)}
+    alone = {}
+    for name, texts in prompts.items():  # the reference: each item answered by its task's adapter alone
+        lk.set_active(model, [name])
+        alone[name] = generate_answers(model, tok, [[{"role": "user", "content": t}] for t in texts], 6)
+    items = [
+        EvalItem([{"role": "user", "content": t}], alone[n][i])
+        for n in prompts
+        for i, t in enumerate(prompts[n])
+    ]
+    result = routed_exact_match(model, tok, setup["router"], items, lambda p, r: p == r, max_new_tokens=6)
+    assert result["routing"] == {"abc": 3, "xyz": 3} and result["accuracy"] == 1.0
+    swapped = [EvalItem(it.messages, alone["xyz" if i < 3 else "abc"][i % 3]) for i, it in enumerate(items)]
+    assert alone["abc"] != alone["xyz"]  # the two adapters answer differently, so the check can fail
+    assert (
+        routed_exact_match(model, tok, setup["router"], swapped, lambda p, r: p == r, max_new_tokens=6)[
+            "accuracy"
+        ]
+        < 1
+    )
+    soft = TaskRouter.load(setup["router"].save(setup["tmp"] / "soft"), mode="weights")
+    weighted_result = routed_exact_match(model, tok, soft, items[:2], lambda p, r: True, max_new_tokens=6)
+    assert weighted_result["mode"] == "weights" and weighted_result["n"] == 2

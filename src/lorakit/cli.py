@@ -100,6 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run, train = split_options(_options(args, _run_fields()))
     conversations = read_data(run, train.seed)
     model, tokenizer = api_load(run.model, run.attention)
+    if args.router or args.adapters:
+        return _eval_routed(args, run, model, tokenizer, conversations)
     if args.adapter:  # an adapter with added tokens: the grown model and its tokenizer, as trained
         from .vocab import prepare_for_adapter
 
@@ -118,6 +120,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_table(base, result))
     if args.json:
         print(json.dumps({"base": base, "model": result}, indent=2))
+
+
+def _eval_routed(
+    args: argparse.Namespace,
+    run: typing.Any,
+    model: typing.Any,
+    tokenizer: typing.Any,
+    conversations: typing.Any,
+) -> None:
+    """`lorakit eval --router R`: the task's exact match with each item answered by the adapter(s)
+    the router picks from its prompt; forgetting is not scored (general text has no prompt to route)."""
+    from .data.tasks import score_exact_match
+    from .routing import TaskRouter, load_task_adapters, routed_exact_match
+    from .run_data import build_data
+    from .run_eval import eval_autocast
+
+    if args.adapters and not args.router:
+        raise ValueError("--adapters goes with --router (the router picks among them); use --adapter for one")
+    if args.adapter:
+        raise ValueError("--adapter and --router exclude each other: the router's adapters are loaded for it")
+    router = TaskRouter.load(args.router, args.route_mode)
+    load_task_adapters(model, router, args.adapters.split(",") if args.adapters else None)
+    _, data = build_data(run, tokenizer, conversations)
+    result = routed_exact_match(
+        model, tokenizer, router, data.items, score_exact_match, run.eval_max_new_tokens, eval_autocast(model)
+    )
+    print(f"routed exact match ({router.mode}): {result['accuracy']:.1%} of {result['n']}")
+    for name, count in result["routing"].items():
+        accuracy = result["by_adapter"].get(name)
+        print(
+            f"  {name:<20} {count:>5} items"
+            + (f"  {accuracy:.1%} exact match" if accuracy is not None else "")
+        )
+    if args.json:
+        print(json.dumps(result, indent=2))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -456,6 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
             p.add_argument("--json", action="store_true", help="print the full results as JSON")
+            p.add_argument(
+                "--router",
+                default=None,
+                help="a task router folder (lorakit router): each item is answered by the adapter it picks",
+            )
+            p.add_argument(
+                "--adapters", default=None, help="with --router: the task adapters' folders, in its order"
+            )
+            p.add_argument(
+                "--route-mode",
+                choices=("pick", "weights"),
+                default=None,
+                help="with --router (default: its own)",
+            )
 
     p = command(
         "merge", cmd_merge, "merge an adapter into its base and write a plain Hugging Face model folder"

@@ -171,6 +171,57 @@ class TaskRouter:
         return router
 
 
+def routed_exact_match(
+    model: nn.Module,
+    tokenizer: Any,
+    router: TaskRouter,
+    items: Sequence[Any],
+    score_fn: Callable[[str, str], bool],
+    max_new_tokens: int = 24,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Exact match with each held-out item answered under its own routing choice (made from its
+    prompt, as in chat): in pick mode the items are grouped by the adapter picked and each group is
+    generated in batches; in weights mode each item runs alone with its weights. Also returns how
+    many items went to each adapter and the accuracy of each group."""
+    from .train.evaluate import exact_match
+
+    items = list(items)
+    if not items:
+        raise ValueError("routed evaluation got no held-out items")
+    probs = router.probabilities(model, tokenizer, [it.messages for it in items])
+    generate = {"max_new_tokens": max_new_tokens, "autocast_dtype": autocast_dtype}
+    if router.mode == "pick":
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(probs):
+            groups.setdefault(router.names[int(row.argmax())], []).append(i)
+        runs = [({name: 1.0}, rows) for name, rows in groups.items()]
+    else:
+        runs = [
+            ({n: float(p) for n, p in zip(router.names, row, strict=True)}, [i])
+            for i, row in enumerate(probs)
+        ]
+    correct, examples = 0, []
+    by_adapter: dict[str, dict[str, int]] = {n: {"n": 0, "correct": 0} for n in router.names}
+    for choice, rows in runs:
+        with weighted(model, choice):
+            result = exact_match(model, tokenizer, [items[i] for i in rows], score_fn, **generate)
+        correct += result["correct"]
+        examples += result["examples"][: max(0, 5 - len(examples))]
+        top = max(choice, key=choice.__getitem__)
+        by_adapter[top]["n"] += len(rows)
+        by_adapter[top]["correct"] += result["correct"]
+    return {
+        "accuracy": correct / len(items),
+        "n": len(items),
+        "correct": correct,
+        "routing": {n: v["n"] for n, v in by_adapter.items()},
+        "by_adapter": {n: v["correct"] / v["n"] for n, v in by_adapter.items() if v["n"]},
+        "mode": router.mode,
+        "examples": examples,
+    }
+
+
 def load_task_adapters(model: nn.Module, router: TaskRouter, folders: Sequence[str] | None = None) -> None:
     """Load the router's adapters under their names (from `folders`, in the router's order, if
     given: the adapters moved), frozen."""
