@@ -26,7 +26,7 @@ from .options import RunConfig, method_config, optimizer_groups
 from .run_data import EvalData, build_data, build_replay, read_data, read_replay
 from .run_eval import base_scores, eval_autocast, evaluate_merged, format_table
 from .serving import train_warnings
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, distributed
 from .train import evaluate as ev
 from .train.checkpoint import refuse_existing_run
 
@@ -62,6 +62,10 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
 
     if cfg.task in DOCUMENT_TASKS and not cfg.data:
         return train_documents_run(cfg, train_cfg, say)
+    world = distributed.World.from_env()  # torchrun / accelerate launch: rank 0 evaluates and writes
+    distributed.check_batch(train_cfg.batch_size, train_cfg.micro_batch_size, world)  # every rank, first
+    if not world.main:
+        say = _quiet
     torch.manual_seed(train_cfg.seed)
     out_dir = Path(train_cfg.output_dir)
     if not train_cfg.resume:  # before the model loads; the trainer checks again for library users
@@ -99,8 +103,12 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     validate = getattr(method, "validate", None)  # e.g. BitFit on a model without biases
     if callable(validate):  # fails before the base evaluation (a minute or more), not after
         validate(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before, reference = base_scores(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
+    distributed.join(world, next(model.parameters()).device)
+    before, reference = None, None
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        before, reference = base_scores(model, tokenizer, data, cfg, out_dir, train_cfg.resume, say)
+    distributed.barrier()
     api.apply(model, method)
     if extension is not None:
         vocab.train_new_tokens(model, extension)
@@ -119,6 +127,9 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         replay=replay,
     )
     result = trainer.train()
+    if not world.main:  # rank 0 writes the adapter (whole: every rank holds every tensor) and scores
+        distributed.barrier()
+        return {"rank": world.rank, "train": {"steps": result.steps, "final_loss": result.final_loss}}
     adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]
     after = None if cfg.skip_eval else evaluate_merged(model, tokenizer, data, cfg, reference)
     metrics = _metrics(
@@ -128,7 +139,12 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
     say(format_table(before, after))
     say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
+    distributed.barrier()
     return metrics
+
+
+def _quiet(*_: Any) -> None:
+    """`say` on ranks other than 0: rank 0 prints the run."""
 
 
 def _held_out_loss(data: EvalData, tokenizer: Any) -> Any:

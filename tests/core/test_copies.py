@@ -199,3 +199,8 @@ def test_refusals() -> None:
     lk.set_active(model, ["a", "b"])
     with pytest.raises(RuntimeError, match="activate one of them at a time"):
         model(_ids(model.config.vocab_size))
+
+
+def test_alora_refuses_whole_modules() -> None:
+    with pytest.raises(ValueError, match="aLoRA acts only from its invocation"):
+        lk.ALoRAConfig(invocation_tokens=[3], modules_to_save=["norm"])

@@ -55,6 +55,12 @@ class ALoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.modules_to_save:
+            raise ValueError(
+                "aLoRA acts only from its invocation on, so the base model's cache of the text before "
+                "it stays valid; modules trained whole (modules_to_save) would change every token. "
+                "Use LoRA for that"
+            )
         if not self.invocation_tokens:
             self.invocation_tokens = invocation_ids(self.invocation, self.tokenizer)
         self.invocation_tokens = [int(t) for t in self.invocation_tokens]

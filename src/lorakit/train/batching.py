@@ -108,8 +108,13 @@ def micro_batches(
     collate: Collate,
     pad_id: int,
     replay: tuple[Sequence[Any], list[int]] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Tensor]]:
     """Split one optimizer batch; sorting by length first keeps padding inside each micro-batch low.
+
+    `shard` = (rank, world size): this rank keeps every world-size-th micro-batch from its rank on
+    (train/distributed.py), so each micro-batch is the one a single process would form and terms
+    computed per micro-batch (a router's balancing loss) come out the same.
 
     Sorting does not change the step's gradient: the loss is a sum over all tokens of the batch.
     `replay` = (samples, indices) drawn from replay data: sorted in with the rest (a micro-batch may
@@ -127,7 +132,8 @@ def micro_batches(
         if replay is not None:
             batch["replay_rows"] = torch.tensor([is_replay for *_, is_replay in part])
         batches.append(batch)
-    return batches
+    rank, size = shard
+    return batches[rank::size]
 
 
 def fingerprint(samples: Sequence[Any]) -> str:

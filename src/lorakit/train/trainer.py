@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lorakit.core.model import adapter_settings, disable_adapters, training_hooks
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
 from lorakit.train.batching import (
     Collate,
     Replay,
@@ -125,7 +126,12 @@ class Trainer:
         self.collate, self.pad_id, self.eval_fn = collate, pad_id, eval_fn
         # None: the hooks of the model's methods (AdaLoRA's budget), so they cannot be forgotten
         self.hooks = list(training_hooks(model) if hooks is None else hooks)
-        self._say = log or _logger.info
+        self.world = distributed.current()  # torchrun / accelerate launch: docs in train/distributed.py
+        distributed.check_batch(
+            config.batch_size, config.micro_batch_size, self.world
+        )  # on every rank, before any collective
+        say = log or _logger.info
+        self._say = say if self.world.main else (lambda _: None)
         self.device = next(model.parameters()).device
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.trainable = dict(iter_trainable(model))
@@ -141,10 +147,13 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        distributed.join(self.world, self.device)
         progress, order = self._begin()
         self._prepare_model()
-        log = JsonlLog(self.output_dir / "log.jsonl", progress.step if progress.step else None)
-        if self.config.report_to == "tensorboard":
+        self.loss_model = distributed.wrap(self.model, chunked_causal_lm_loss, self.world, self.device)
+        resume_step = progress.step if progress.step else None
+        log = JsonlLog(self.output_dir / "log.jsonl", resume_step) if self.world.main else _NoLog(resume_step)
+        if self.config.report_to == "tensorboard" and self.world.main:
             log.mirrors.append(TensorBoardLog(self.output_dir / "tensorboard"))
         # a resumed run reports the whole held-out curve, not only the evaluations after the resume
         evals: list[dict[str, float]] = [r for r in log.kept if any(k.startswith("eval_") for k in r)]
@@ -152,7 +161,7 @@ class Trainer:
         bar = tqdm(
             total=self.config.steps,
             initial=progress.step,
-            disable=not self.config.progress_bar,
+            disable=not self.config.progress_bar or not self.world.main,
             desc="train",
             dynamic_ncols=True,
         )
@@ -178,8 +187,10 @@ class Trainer:
             self.collate,
             self.pad_id,
             (self.replay.samples, self.replay_order.take(replayed)) if self.replay else None,
+            shard=(self.world.rank, self.world.size),  # every rank draws the global batch, keeps its share
         )
-        loss_tokens = sum(loss_token_count(b["labels"]) for b in batches)
+        # the step's loss tokens over every rank: the loss is the mean over the global batch
+        loss_tokens = int(distributed.all_sum([sum(loss_token_count(b["labels"]) for b in batches)])[0])
         if loss_tokens == 0:
             progress.skipped += 1
             return None
@@ -203,13 +214,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._call("on_step_end", step, self.config.steps)
+        tokens = int(distributed.all_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0])
         return {
             "step": step + 1,
             "loss": task_loss + sum(per_batch.values()) + sum(extras.values()),
             "task_loss": task_loss,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "tokens": tokens,
             "loss_tokens": loss_tokens,
             **per_source,
             **per_batch,
@@ -229,16 +241,17 @@ class Trainer:
         weight = self.config.kl_to_base
         kl_masks = [_kl_rows(b) for b in batches] if weight else []
         kl_total = sum(int(m.sum()) for m in kl_masks)
+        scale = self.world.size  # DDP averages the ranks' gradients; the loss is a global mean
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             kl_mask = kl_masks[i].to(self.device) if kl_total else None
             groups: dict[Any, tuple[float, int]] = {}
-            with self._autocast():
-                out = chunked_causal_lm_loss(
-                    self.model,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
+            last = i == len(batches) - 1
+            with self._autocast(), distributed.no_sync(self.loss_model, skip=not last):
+                out = self.loss_model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
                     keep_rows=kl_mask,
@@ -251,6 +264,10 @@ class Trainer:
             if kl_mask is not None and int(kl_mask.sum()):
                 kl = self._kl_to_base(batch, kl_mask, out[2])
             if count == 0 and kl is None:
+                if self.world.enabled:  # every rank must backpropagate through DDP's forward
+                    raise ValueError(
+                        "a micro-batch without loss tokens under DDP; every sample needs a label"
+                    )
                 continue  # nothing to backpropagate in this micro-batch
             if count:
                 self._head_checked = True
@@ -262,7 +279,7 @@ class Trainer:
             if kl is not None:
                 loss = loss + weight * kl / kl_total
                 terms["kl_to_base"] = terms.get("kl_to_base", 0.0) + float(kl.detach()) / kl_total
-            loss.backward()
+            (loss * scale if scale > 1 else loss).backward()
             total += value
             for replayed, (part, n) in groups.items():
                 sums = per_source.setdefault("replay" if replayed else "task", [0.0, 0])
@@ -271,6 +288,15 @@ class Trainer:
                 terms[name] = terms.get(name, 0.0) + share * float(term.detach())
         if "kl_to_base" in terms:  # logged as the mean KL per position; the loss adds weight x that
             terms["kl_to_base"] *= weight
+        if self.world.enabled:  # what the log shows: sums over the ranks (the same keys on each)
+            names = sorted(terms)
+            sums = distributed.all_sum(
+                [total, *(terms[n] for n in names)]
+                + [per_source.get(src, [0.0, 0])[j] for src in ("task", "replay") for j in (0, 1)]
+            )
+            total, terms = sums[0], dict(zip(names, sums[1 : 1 + len(names)], strict=True))
+            rest = sums[1 + len(names) :]
+            per_source = {"task": [rest[0], rest[1]], "replay": [rest[2], rest[3]]}
         sources_mean = {}
         if self.replay is not None:
             sources_mean = {f"loss_{src}": s / c for src, (s, c) in per_source.items() if c}
@@ -310,7 +336,9 @@ class Trainer:
         terms = self._hook_terms("extra_losses", taken)
         total = sum(terms.values())
         if isinstance(total, Tensor) and total.requires_grad:
-            total.backward()
+            # the same parameters on every rank give the same term: added locally, not averaged
+            with distributed.no_sync(self.loss_model, skip=True):
+                total.backward()
         return {name: float(value.detach()) for name, value in terms.items()}
 
     def _clip(self, step: int) -> float:
@@ -336,13 +364,17 @@ class Trainer:
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if self.eval_fn and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            evals.append(self._evaluate(step))
-            log.write(evals[-1])
+            if self.world.main:  # rank 0 evaluates; the others wait
+                evals.append(self._evaluate(step))
+                log.write(evals[-1])
+            distributed.barrier()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            self._save(progress, order)
+            if self.world.main:
+                self._save(progress, order)
+            distributed.barrier()  # a checkpoint is whole before any rank goes on (or stops)
 
     def _finish(self, progress: _Progress, log: JsonlLog, evals: list) -> TrainResult:
-        plot = plot_loss(read_log(log.path), self.output_dir / "loss.png")
+        plot = plot_loss(read_log(log.path), self.output_dir / "loss.png") if self.world.main else None
         latest, _ = ckpt.latest_complete(self.checkpoint_root)
         return TrainResult(
             steps=progress.step,
@@ -504,6 +536,21 @@ class Trainer:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+class _NoLog:
+    """The log of ranks other than 0: rank 0 writes log.jsonl."""
+
+    def __init__(self, resume_step: int | None) -> None:
+        self.kept: list[dict[str, Any]] = []
+        self.mirrors: list[Any] = []
+        self.path = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _changed(prefix: str, saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:

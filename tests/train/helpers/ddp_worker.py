@@ -1,0 +1,83 @@
+"""One training process of tests/train/test_distributed.py: run alone (1 process) or under torchrun.
+
+    python ddp_worker.py OUT METHOD [--steps N] [--batch B] [--micro M] [--resume] [--stop-after K]
+    [--checkpointing]
+
+Trains a tiny Llama with METHOD (lora, dora, adapter, mopeft) on fixed samples and writes, per rank,
+OUT/params-<rank>.pt (the trainable tensors at the end). `--stop-after K` raises after step K (an
+interruption), after the checkpoint of that step."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import torch
+
+import lorakit as lk
+from lorakit.models import tiny_llama
+from lorakit.train import TrainConfig, Trainer
+
+VOCAB = 64
+
+
+def samples(n: int) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        length = rng.randint(5, 16)
+        answer = rng.randint(1, min(8, length - 1))
+        ids = [rng.randrange(3, VOCAB) for _ in range(length)]
+        out.append({"input_ids": ids, "labels": [-100] * (length - answer) + ids[length - answer :]})
+    return out
+
+
+class Stop:
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_step_end(self, model, step, total_steps):  # noqa: ANN001, ANN201
+        if step + 1 == self.after:
+            raise KeyboardInterrupt(f"stopped after step {self.after}")
+
+
+CONFIGS = {
+    "lora": lambda: lk.LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "dora": lambda: lk.DoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    "adapter": lambda: lk.AdapterConfig(size=8),
+    "mopeft": lambda: lk.MoPEFTConfig(experts="lora,adapter", gate="topk", top_k=1, rank=4, alpha=8, size=8),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("method", choices=sorted(CONFIGS))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-after", type=int, default=0)
+    parser.add_argument("--checkpointing", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = tiny_llama(0, vocab_size=VOCAB)
+    lk.apply(model, CONFIGS[args.method]())
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch, micro_batch_size=args.micro, lr=1e-2, precision="fp32",
+        output_dir=args.out, checkpoint_every=2, keep_checkpoints=0, progress_bar=False, seed=0,
+        resume=args.resume, gradient_checkpointing=args.checkpointing, fast_kernels=False,
+    )  # fmt: skip
+    hooks = lk.training_hooks(model) + ([Stop(args.stop_after)] if args.stop_after else [])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        Trainer(model, samples(32), config, hooks=hooks).train()
+    except KeyboardInterrupt:
+        pass
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(trained, os.path.join(args.out, f"params-{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
