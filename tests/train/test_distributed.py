@@ -79,3 +79,52 @@ def test_a_batch_the_world_does_not_divide_is_refused_on_every_rank(tmp_path) ->
     assert result.returncode != 0
     assert result.stderr.count("--batch-size 6 does not split over 2 processes in micro-batches of 2") >= 2
     assert not (tmp_path / "bad" / "log.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    from lorakit.models import tiny_llama, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(24)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _cli(root: Path, out: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    args = ["train", "--model", str(root / "base"), "--data", str(root / "train.jsonl"), "--steps", "3",
+            "--batch-size", "4", "--micro-batch-size", "2", "--skip-eval", "--replay", "none", "--rank", "4",
+            "--no-progress-bar", "--output-dir", str(out)]  # fmt: skip
+    return subprocess.run(
+        [*launcher, "-m", "lorakit", *args], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
+def test_the_command_line_under_torchrun_and_accelerate(cli_setup) -> None:
+    from safetensors.torch import load_file
+
+    root = cli_setup
+    runs = {
+        "one": [sys.executable],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+        "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                       "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    }  # fmt: skip
+    adapters = {}
+    for name, launcher in runs.items():
+        if name == "accelerate" and not Path(launcher[0]).exists():
+            continue
+        result = _cli(root, root / name, launcher)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("trainable params") == 1  # rank 0 alone prints
+        adapters[name] = load_file(root / name / "adapter" / "adapter_model.safetensors")
+        assert len(_losses(root / name)) == 3
+    for name in adapters:
+        assert adapters[name].keys() == adapters["one"].keys()
+        for key, tensor in adapters["one"].items():
+            torch.testing.assert_close(adapters[name][key], tensor, atol=2e-5, rtol=1e-4, msg=f"{name} {key}")

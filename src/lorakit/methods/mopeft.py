@@ -172,6 +172,12 @@ class MixtureDelta(Delta):
 
     mergeable: ClassVar[bool] = False
 
+    @property
+    def skips_parameters(self) -> bool:
+        """Top-k routing leaves the experts no token picked without a gradient in that step (DDP
+        must then look for unused parameters: train/distributed.py)."""
+        return self.gate == "topk"
+
     def __init__(self, layer: AdaptedLayer, experts: dict[str, Delta], config: MoPEFTConfig) -> None:
         super().__init__()
         self.experts = nn.ModuleDict(experts)

@@ -124,9 +124,10 @@ def wrap(model: nn.Module, loss_fn, world: World, device: torch.device) -> nn.Mo
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    # find_unused_parameters: a routed mixture's top-k gates leave some experts without a gradient
-    # in a step; the search costs one walk of the autograd graph per step
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    # a part that may leave some of its parameters without a gradient in a step (a routed mixture's
+    # top-k gates) says so; DDP then looks for them, one extra walk of the autograd graph per step
+    unused = any(getattr(m, "skips_parameters", False) for m in model.modules())
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
 
 
 @contextlib.contextmanager
