@@ -38,7 +38,7 @@ def _losses(out: Path) -> list[float]:
     ]
 
 
-@pytest.mark.parametrize("method", ["lora", "mopeft"])
+@pytest.mark.parametrize("method", ["lora", "mopeft", "qlora", "longlora"])
 def test_two_processes_end_where_one_does(method, tmp_path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(_run(one, method))

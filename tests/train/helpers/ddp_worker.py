@@ -47,6 +47,8 @@ CONFIGS = {
     "dora": lambda: lk.DoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),
     "adapter": lambda: lk.AdapterConfig(size=8),
     "mopeft": lambda: lk.MoPEFTConfig(experts="lora,adapter", gate="topk", top_k=1, rank=4, alpha=8, size=8),
+    "qlora": lambda: lk.QLoRAConfig(rank=4, alpha=8, compute_dtype="float32", blocksize=32),
+    "longlora": lambda: lk.LongLoRAConfig(rank=4, s2_ratio=0),  # LoRA q/k/v/o + embedding and norms whole
 }
 
 
