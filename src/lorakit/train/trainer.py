@@ -143,6 +143,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._head_checked = False
+        # the loss as one module; train() puts it in DDP when launched on more than one process
+        self.loss_model: nn.Module = distributed.LossModule(model, chunked_causal_lm_loss)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -150,7 +152,8 @@ class Trainer:
         distributed.join(self.world, self.device)
         progress, order = self._begin()
         self._prepare_model()
-        self.loss_model = distributed.wrap(self.model, chunked_causal_lm_loss, self.world, self.device)
+        if self.world.enabled:
+            self.loss_model = distributed.wrap(self.model, chunked_causal_lm_loss, self.world, self.device)
         resume_step = progress.step if progress.step else None
         log = JsonlLog(self.output_dir / "log.jsonl", resume_step) if self.world.main else _NoLog(resume_step)
         if self.config.report_to == "tensorboard" and self.world.main:
