@@ -221,3 +221,10 @@ def test_the_command_line_builds_it_and_refuses_a_bad_expert_in_one_line() -> No
     with pytest.raises(SystemExit) as stop:
         main(["train", "--method", "mopeft", "--experts", "lora,prefix", "--steps", "1"])
     assert "prefix cannot be a mixture expert" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_targets_outside_the_linear_layers_are_refused_not_dropped() -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="embed_tokens is not one of them: remove it from --target-modules"):
+        lk.apply(model, lk.MoPEFTConfig(experts="lora", target_modules=["q_proj", "embed_tokens"]))
+    assert not lk.core.model.registry(model).configs

@@ -117,7 +117,15 @@ class MoPEFTConfig:
             for name, config in self.expert_configs().items()
         }
         union = set().union(*(paths for _, paths in self._paths.values()))
-        return [p for p in find_targets(model, "all-linear") if p in union]
+        linear = find_targets(model, "all-linear")
+        other = sorted(union - set(linear))
+        if other:  # an embedding (or the head): the router reads the layer's input, not token ids
+            raise ValueError(
+                f"MoPEFT mixes experts on linear layers, whose input its per-token router reads; "
+                f"{', '.join(other[:3])}{' ...' if len(other) > 3 else ''} {'is' if len(other) == 1 else 'are'} "
+                "not one of them: remove it from --target-modules (or train it with --method lora)"
+            )
+        return [p for p in linear if p in union]
 
     def build(self, layer: AdaptedLayer, path: str) -> Delta:
         # each expert's own build refuses what it cannot sit beside (a bottleneck adapter: any other)
