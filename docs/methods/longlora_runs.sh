@@ -22,8 +22,9 @@ declare -A ARMS=(
   [s2-lora]="--model $out/toy-256 --method longlora --context 1024 --modules-to-save none"
   [s2-lora-embed-norm]="--model $out/toy-256 --method longlora --context 1024"
   [full-dense]="--model $out/toy-256-pi4 --method full --max-length 1024"
+  [s2-half-lora-embed-norm]="--model $out/toy-256 --method longlora --context 1024 --s2-ratio 0.5"
 )
-ORDER=(s2-lora-embed-norm dense-lora-embed-norm s2-lora dense-lora full-dense)
+ORDER=(s2-lora-embed-norm dense-lora-embed-norm s2-lora dense-lora full-dense s2-half-lora-embed-norm)
 for arm in "${@:-${ORDER[@]}}"; do
   [ -n "${ARMS[$arm]+x}" ] || { echo "no arm $arm; arms: ${ORDER[*]}"; exit 2; }
   if [ -f "$out/$arm/metrics.json" ]; then echo "$arm: done before, kept"; continue; fi
