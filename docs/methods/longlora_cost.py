@@ -30,7 +30,9 @@ def main() -> None:
     n0, n1 = lengths[0], lengths[-1]
     b = (step("sdpa", n1) - step("sdpa", n0) * n1 / n0) / (n1 * n1 - n0 * n1)
     a = (step("sdpa", n0) - b * n0 * n0) / n0
-    print("| N | SDPA s/step | kernel s/step | S2 s/step | S2 / SDPA step | speed-up | S2 / SDPA peak RSS | SDPA peak RSS (MB) | attention share of the SDPA step (fit) |")
+    print(
+        "| N | SDPA s/step | kernel s/step | S2 s/step | S2 / SDPA step | speed-up | S2 / SDPA peak RSS | SDPA peak RSS (MB) | attention share of the SDPA step (fit) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n in lengths:
         ratio = step("s2", n) / step("sdpa", n)
@@ -39,7 +41,9 @@ def main() -> None:
             f"| {n:,} | {step('sdpa', n):.2f} | {step('kernel', n):.2f} | {step('s2', n):.2f} | {ratio:.3f} | "
             f"{1 / ratio:.2f}x | {rss('s2', n) / rss('sdpa', n):.3f} | {rss('sdpa', n):,.0f} | {share:.0%} |"
         )
-    print(f"\nfit through {n0:,} and {n1:,}: t(N) = {a * 1e3:.3f} ms x N + {b * 1e6:.4f} us x N^2 (N in tokens)")
+    print(
+        f"\nfit through {n0:,} and {n1:,}: t(N) = {a * 1e3:.3f} ms x N + {b * 1e6:.4f} us x N^2 (N in tokens)"
+    )
     if args.plot:
         import matplotlib
 
@@ -47,7 +51,11 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-        for kind, label in (("sdpa", "full attention, SDPA"), ("kernel", "full attention, lorakit kernel"), ("s2", "S2-Attn")):
+        for kind, label in (
+            ("sdpa", "full attention, SDPA"),
+            ("kernel", "full attention, lorakit kernel"),
+            ("s2", "S2-Attn"),
+        ):
             left.plot(lengths, [step(kind, n) for n in lengths], marker="o", label=label)
         left.set_xscale("log", base=2)
         left.set_yscale("log")
@@ -55,8 +63,15 @@ def main() -> None:
         left.set_xlabel("tokens per step (one row)")
         left.set_ylabel("s per training step")
         left.legend(fontsize=7)
-        right.plot(lengths, [step("sdpa", n) / step("s2", n) for n in lengths], marker="o", label="S2 speed-up over SDPA")
-        right.plot(lengths, [rss("s2", n) / rss("sdpa", n) for n in lengths], marker="s", label="S2 / SDPA peak RSS")
+        right.plot(
+            lengths,
+            [step("sdpa", n) / step("s2", n) for n in lengths],
+            marker="o",
+            label="S2 speed-up over SDPA",
+        )
+        right.plot(
+            lengths, [rss("s2", n) / rss("sdpa", n) for n in lengths], marker="s", label="S2 / SDPA peak RSS"
+        )
         right.axhline(1, color="grey", lw=0.8)
         right.set_xscale("log", base=2)
         right.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
