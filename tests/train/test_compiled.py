@@ -231,3 +231,32 @@ def test_compiled_qlora_trains_like_eager_qlora_with_nf4_as_one_op(tiny) -> None
     assert ref_grads.keys() == grads.keys() and any("lora_A" in n for n in grads)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_longlora_with_s2_trains_like_eager(tiny) -> None:
+    """LongLoRA inside compiled layers: S2-Attn as the attention, norms as trained copies
+    (functional_call) and LoRA on q/k/v/o, the same loss and gradients as eager layers."""
+
+    def make():
+        model = tiny.llama()
+        torch.manual_seed(0)
+        lk.apply(model, lk.LongLoRAConfig(rank=4, context=2 * model.config.max_position_embeddings))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        return model.train()
+
+    eager, fast = make(), make()
+    assert fast.config._attn_implementation == "lorakit_s2"
+    done = prepare_for_training(fast, None, compile="on")
+    assert done[-1].startswith("torch.compile: 2 decoder layers compiled")
+    ids = torch.randint(3, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    ref_loss, ref_grads = _step(eager, batch, amp=False)
+    loss, grads = _step(fast, batch, amp=False)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert ref_grads.keys() == grads.keys()
+    assert any("input_layernorm.adapters" in n for n in grads)  # the norms' copies train
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
