@@ -189,6 +189,17 @@ def set_attention(model: nn.Module, attention: str) -> None:
 
 
 def _metrics(cfg, train_cfg, before, after, result, train, model, adapter_dir, seconds) -> dict[str, Any]:
+    extra = {
+        "skipped_batches": result.skipped_batches,
+        "held_out_curve": result.evals,
+        "skipped_samples": train.skipped,
+        "samples": len(train),
+    }
+    return run_metrics(cfg, train_cfg, before, after, result, model, adapter_dir, seconds, extra)
+
+
+def run_metrics(cfg, train_cfg, before, after, result, model, adapter_dir, seconds, extra) -> dict[str, Any]:
+    """metrics.json of a training run (`extra`: the run kind's own training fields)."""
     trainable, total = api.trainable_parameters(model)
     return {
         "run": dataclasses.asdict(cfg),
@@ -200,10 +211,7 @@ def _metrics(cfg, train_cfg, before, after, result, train, model, adapter_dir, s
             "final_loss": result.final_loss,
             "tokens_per_s": result.tokens_per_s,
             "train_seconds": round(result.elapsed_s, 1),
-            "skipped_batches": result.skipped_batches,
-            "held_out_curve": result.evals,
-            "skipped_samples": train.skipped,
-            "samples": len(train),
+            **extra,
             "trainable_params": trainable,
             "total_params": total,
         },

@@ -21,7 +21,7 @@ from ..core.io import atomic_write
 from ..data import collate
 from ..models import load_tokenizer
 from ..options import RunConfig, method_config, optimizer_groups
-from ..run import SCORING_ONLY, api_load  # run.py imports this module only inside train_run
+from ..run import SCORING_ONLY, api_load, run_metrics  # run.py imports this module only inside train_run
 from ..run_data import replay_on
 from ..run_eval import eval_autocast
 from ..train import TrainConfig, Trainer
@@ -96,25 +96,11 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
     after = (
         None if cfg.skip_eval else _evaluate(model, tokenizer, held_ids, lengths, window, cfg, say, "after")
     )
-    trainable, total = api.trainable_parameters(model)
-    metrics = {
-        "run": dataclasses.asdict(cfg),
-        "train_config": train_cfg.to_dict(),
-        "window": {"original": window, "trained": length, "now": model.config.max_position_embeddings},
-        "before": before,
-        "after": after,
-        "train": {
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "tokens_per_s": result.tokens_per_s,
-            "train_seconds": round(result.elapsed_s, 1),
-            "rows": len(rows),
-            "trainable_params": trainable,
-            "total_params": total,
-        },
-        "adapter": str(adapter_dir),
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
+    seconds = time.perf_counter() - started
+    metrics = run_metrics(
+        cfg, train_cfg, before, after, result, model, adapter_dir, seconds, {"rows": len(rows)}
+    )
+    metrics["window"] = {"original": window, "trained": length, "now": model.config.max_position_embeddings}
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
     say(format_long_table(before, after))
