@@ -65,7 +65,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     world = distributed.World.from_env()  # torchrun / accelerate launch: rank 0 evaluates and writes
     distributed.check_batch(train_cfg.batch_size, train_cfg.micro_batch_size, world)  # every rank, first
     if not world.main:
-        say = _quiet
+        say = quiet
     torch.manual_seed(train_cfg.seed)
     out_dir = Path(train_cfg.output_dir)
     if not train_cfg.resume:  # before the model loads; the trainer checks again for library users
@@ -143,7 +143,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     return metrics
 
 
-def _quiet(*_: Any) -> None:
+def quiet(*_: Any) -> None:
     """`say` on ranks other than 0: rank 0 prints the run."""
 
 

@@ -128,3 +128,24 @@ def test_the_command_line_under_torchrun_and_accelerate(cli_setup) -> None:
         assert adapters[name].keys() == adapters["one"].keys()
         for key, tensor in adapters["one"].items():
             torch.testing.assert_close(adapters[name][key], tensor, atol=2e-5, rtol=1e-4, msg=f"{name} {key}")
+
+
+def test_a_longlora_document_run_under_torchrun(cli_setup, tmp_path) -> None:
+    from lorakit.long.documents import INSTALL, wiki_path_exists
+
+    if not wiki_path_exists():
+        pytest.skip(f"gensim's Wikipedia test dump is missing: {INSTALL}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = tmp_path / "wiki"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lorakit",
+               "train", "--model", str(cli_setup / "base"), "--method", "longlora", "--context", "1024", "--steps", "2",
+               "--batch-size", "2", "--long-eval-tokens", "1024", "--passkey-per-depth", "0", "--no-progress-bar",
+               "--output-dir", str(out)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("perplexity at 1,024") == 1  # rank 0 alone scores and prints
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2 and metrics["window"]["now"] == 1024
+    assert (out / "adapter" / "context.json").is_file()

@@ -21,10 +21,15 @@ from ..core.io import atomic_write
 from ..data import collate
 from ..models import load_tokenizer
 from ..options import RunConfig, method_config, optimizer_groups
-from ..run import SCORING_ONLY, api_load, run_metrics  # run.py imports this module only inside train_run
+from ..run import (
+    SCORING_ONLY,
+    api_load,
+    quiet,
+    run_metrics,
+)  # run.py imports this module only inside train_run
 from ..run_data import replay_on
 from ..run_eval import eval_autocast
-from ..train import TrainConfig, Trainer
+from ..train import TrainConfig, Trainer, distributed
 from ..train.checkpoint import refuse_existing_run
 from .documents import document_ids, pack, split, wiki_articles
 from .evaluate import long_perplexity, passkey_accuracy
@@ -50,6 +55,10 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
     if not train_cfg.resume:
         refuse_existing_run(out_dir / "checkpoints")
     started = time.perf_counter()
+    world = distributed.World.from_env()  # torchrun: as run.train_run, rank 0 evaluates and writes
+    distributed.check_batch(train_cfg.batch_size, train_cfg.micro_batch_size, world)
+    if not world.main:
+        say = quiet
     if cfg.data or cfg.eval_data:
         raise ValueError(
             "--task wiki trains on the Wikipedia articles it ships with; --data/--eval-data are for chat data"
@@ -74,10 +83,13 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
     model, _ = api_load(cfg.model, cfg.attention)
     window = original_window(model.config)
     lengths = eval_lengths(cfg, window, length)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before = (
-        None if cfg.skip_eval else _evaluate(model, tokenizer, held_ids, lengths, window, cfg, say, "before")
-    )
+    distributed.join(world, next(model.parameters()).device)
+    before = None
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.skip_eval:
+            before = _evaluate(model, tokenizer, held_ids, lengths, window, cfg, say, "before")
+    distributed.barrier()
     api.apply(model, method)
     say(api.summary(model))
     trainer = Trainer(
@@ -92,6 +104,9 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
         run_options={k: v for k, v in dataclasses.asdict(cfg).items() if k not in SCORING_ONLY},
     )
     result = trainer.train()
+    if not world.main:
+        distributed.barrier()
+        return {"rank": world.rank, "train": {"steps": result.steps, "final_loss": result.final_loss}}
     adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]
     after = (
         None if cfg.skip_eval else _evaluate(model, tokenizer, held_ids, lengths, window, cfg, say, "after")
@@ -105,6 +120,7 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
     atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
     say(format_long_table(before, after))
     say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
+    distributed.barrier()
     return metrics
 
 
