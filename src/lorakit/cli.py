@@ -97,10 +97,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .run_eval import eval_autocast, evaluate, format_table
     from .train import evaluate as ev
 
+    _check_router_flags(args)
     run, train = split_options(_options(args, _run_fields()))
     conversations = read_data(run, train.seed)
     model, tokenizer = api_load(run.model, run.attention)
-    if args.router or args.adapters:
+    if args.router:
         return _eval_routed(args, run, model, tokenizer, conversations)
     if args.adapter:  # an adapter with added tokens: the grown model and its tokenizer, as trained
         from .vocab import prepare_for_adapter
@@ -122,6 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps({"base": base, "model": result}, indent=2))
 
 
+def _check_router_flags(args: argparse.Namespace) -> None:
+    """`chat` and `eval`: --adapters only with --router, and --adapter not with it."""
+    if args.adapters and not args.router:
+        raise ValueError("--adapters goes with --router (the router picks among them); use --adapter for one")
+    if args.adapter and args.router:
+        raise ValueError("--adapter and --router exclude each other: the router's adapters are loaded for it")
+
+
 def _eval_routed(
     args: argparse.Namespace,
     run: typing.Any,
@@ -136,10 +145,6 @@ def _eval_routed(
     from .run_data import build_data
     from .run_eval import eval_autocast
 
-    if args.adapters and not args.router:
-        raise ValueError("--adapters goes with --router (the router picks among them); use --adapter for one")
-    if args.adapter:
-        raise ValueError("--adapter and --router exclude each other: the router's adapters are loaded for it")
     router = TaskRouter.load(args.router, args.route_mode)
     load_task_adapters(model, router, args.adapters.split(",") if args.adapters else None)
     _, data = build_data(run, tokenizer, conversations)
@@ -299,10 +304,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .routing import TaskRouter, load_task_adapters
     from .run import api_load
 
-    if args.adapters and not args.router:
-        raise ValueError("--adapters goes with --router (the router picks among them); use --adapter for one")
-    if args.adapter and args.router:
-        raise ValueError("--adapter and --router exclude each other: the router's adapters are loaded for it")
+    _check_router_flags(args)
     model, tokenizer = api_load(args.model)
     if args.router:
         router = TaskRouter.load(args.router, args.route_mode)

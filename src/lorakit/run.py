@@ -62,10 +62,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
 
     if cfg.task in DOCUMENT_TASKS and not cfg.data:
         return train_documents_run(cfg, train_cfg, say)
-    world = distributed.World.from_env()  # torchrun / accelerate launch: rank 0 evaluates and writes
-    distributed.check_batch(train_cfg.batch_size, train_cfg.micro_batch_size, world)  # every rank, first
-    if not world.main:
-        say = quiet
+    world, say = launch(train_cfg, say)
     torch.manual_seed(train_cfg.seed)
     out_dir = Path(train_cfg.output_dir)
     if not train_cfg.resume:  # before the model loads; the trainer checks again for library users
@@ -127,9 +124,8 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
         replay=replay,
     )
     result = trainer.train()
-    if not world.main:  # rank 0 writes the adapter (whole: every rank holds every tensor) and scores
-        distributed.barrier()
-        return {"rank": world.rank, "train": {"steps": result.steps, "final_loss": result.final_loss}}
+    if not world.main:
+        return other_rank_done(world, result)
     adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]
     after = None if cfg.skip_eval else evaluate_merged(model, tokenizer, data, cfg, reference)
     metrics = _metrics(
@@ -143,8 +139,23 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     return metrics
 
 
-def quiet(*_: Any) -> None:
-    """`say` on ranks other than 0: rank 0 prints the run."""
+def launch(train_cfg: TrainConfig, say: Any) -> tuple[distributed.World, Any]:
+    """This process's place in a torchrun / accelerate launch (one process: rank 0 of 1), with the
+    batch checked on every rank before any collective; `say` prints on rank 0 only."""
+    world = distributed.World.from_env()
+    distributed.check_batch(train_cfg.batch_size, train_cfg.micro_batch_size, world)
+    return world, say if world.main else _quiet
+
+
+def other_rank_done(world: distributed.World, result: Any) -> dict[str, Any]:
+    """What a rank other than 0 returns after training: rank 0 writes the adapter (whole: every rank
+    holds every tensor) and scores; this one waits for it at the final barrier."""
+    distributed.barrier()
+    return {"rank": world.rank, "train": {"steps": result.steps, "final_loss": result.final_loss}}
+
+
+def _quiet(*_: Any) -> None:
+    """`say` on ranks other than 0."""
 
 
 def _held_out_loss(data: EvalData, tokenizer: Any) -> Any:

@@ -49,7 +49,7 @@ class ModuleCopyDelta(Delta):
             )
         self.is_embedding = isinstance(base, nn.Embedding)
         self.__dict__["tied_to"] = tied_to  # outside the module tree: its tensors are the embedding's
-        self.__dict__["_before_merge"] = None
+        self._before_merge: Tensor | None = None
         role = Role.NORM if own["weight"].ndim == 1 else Role.FULL
         if tied_to is None:
             self.weight = nn.Parameter(own["weight"].detach().float().clone())
@@ -73,13 +73,12 @@ class ModuleCopyDelta(Delta):
 
     @property
     def values(self) -> Tensor:
-        tied = self.__dict__["tied_to"]
-        return self.weight if tied is None else tied.weight
+        return self.__dict__["tied_to"].weight if self.shares_weight else self.weight
 
     def compute(self, layer: AdaptedLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The module's output with the copy's tensors in place of its own."""
         base, weight = layer.base_layer, self.values
-        if self.__dict__["tied_to"] is not None or type(base) is nn.Linear:
+        if self.shares_weight or type(base) is nn.Linear:
             return F.linear(x, weight, self.bias)
         tensors = {"weight": weight} | ({"bias": self.bias} if self.bias is not None else {})
         return functional_call(base, tensors, (x, *args), kwargs)
@@ -93,30 +92,27 @@ class ModuleCopyDelta(Delta):
         return self.values, self.bias
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        self.__dict__["_before_merge"] = weight.clone()  # a copy replaces: the old value is lost
+        self._before_merge = weight.clone()  # a copy replaces: the old value is lost
         value = self.values.detach()
         return (value.T if self.is_embedding else value).to(weight)
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
-        before = self.__dict__["_before_merge"]
+        before = self._before_merge
         if before is None:
             raise RuntimeError("this module copy was not merged")
-        self.__dict__["_before_merge"] = None
+        self._before_merge = None
         return before
 
     def export_state(self) -> dict[str, Tensor]:
         # a tied head's copy of the tensor: safetensors refuses two keys over one storage
-        state = {
-            "weight": self.values.detach()
-            if self.__dict__["tied_to"] is None
-            else self.values.detach().clone()
-        }
+        weight = self.values.detach()
+        state = {"weight": weight.clone() if self.shares_weight else weight}
         if self.bias is not None:
             state["bias"] = self.bias.detach()
         return state
 
     def import_state(self, state: dict[str, Tensor]) -> None:
-        if self.__dict__["tied_to"] is not None:
+        if self.shares_weight:
             return  # the embedding's copy, loaded there (the folder holds the same tensor twice)
         with torch.no_grad():
             self.weight.copy_(state["weight"])
@@ -178,9 +174,10 @@ def add_module_copies(
     return list(copies)
 
 
-def copy_settings(deltas: Sequence[Delta], names: Sequence[str] | None, tied: bool) -> dict[str, Any]:
+def copy_settings(deltas: Sequence[Delta], names: Sequence[str] | None) -> dict[str, Any]:
     """adapter_config.json fields for an adapter's deltas: `modules_to_save` (the names it was given)
     and PEFT's `ensure_weight_tying` when the head shares the embedding's copy; {} without copies."""
-    if not any(isinstance(d, ModuleCopyDelta) for d in deltas):
+    copies = [d for d in deltas if isinstance(d, ModuleCopyDelta)]
+    if not copies:
         return {}
-    return {"modules_to_save": list(names or []), "ensure_weight_tying": tied}
+    return {"modules_to_save": list(names or []), "ensure_weight_tying": any(d.shares_weight for d in copies)}

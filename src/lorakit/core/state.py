@@ -79,11 +79,10 @@ def _write_adapter(model: nn.Module, name: str, root: Path) -> None:
         }
         peft_config = adapter.to_peft_dict()
     else:
-        deltas = [(p, layer, d) for p, layer, d in adapter_deltas(model, name) if d.is_target]
+        every = list(adapter_deltas(model, name))
+        deltas = [(p, layer, d) for p, layer, d in every if d.is_target]
         peft_config = config.to_peft_dict()
-        every = [d for _, _, d in adapter_deltas(model, name)]
-        tied = any(getattr(d, "shares_weight", False) for d in every)
-        peft_config.update(copy_settings(every, getattr(config, "modules_to_save", None), tied))
+        peft_config.update(copy_settings([d for *_, d in every], getattr(config, "modules_to_save", None)))
         peft_config["target_modules"] = _target_list(model, [p for p, _, _ in deltas])
         peft_config["exclude_modules"] = None
         if any(_stores_in_out(layer) for _, layer, _ in deltas):

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.evaluate import exact_match
+from ..train.evaluate import _autocast, _device, exact_match
 from ..train.loss import output_head
 from .passkey import passkey_items
 
@@ -32,16 +33,11 @@ def token_nlls(
     model: nn.Module, row: torch.Tensor, autocast_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """NLL of each next token of one row of ids (T,): a (T-1,) fp32 tensor, full attention."""
-    device = next(model.parameters()).device
+    device = _device(model)
     ids = row.to(device)[None]
     decoder = getattr(model, "base_model", model)
     head = output_head(model)
-    with (
-        torch.inference_mode(),
-        torch.autocast(
-            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-        ),
-    ):
+    with torch.inference_mode(), _autocast(model, autocast_dtype):
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
         targets = ids[0, 1:]
         out = torch.empty(targets.shape[0], dtype=torch.float32, device=device)
@@ -64,14 +60,10 @@ def long_perplexity(
     """Per length L: perplexity of the first `budget` tokens of `ids` (at least one row) cut into rows
     of L; `window` is the model's original one. Keys: "ppl", "ppl_past_window" (L > window only),
     "ppl_last_quarter", "rows", "tokens"."""
-    was_training = model.training
-    model.eval()
     results: dict[str, dict[str, float]] = {}
-    try:
+    with _evaluating(model):
         for length in lengths:
-            rows = max(1, budget // length)
-            if len(ids) < rows * length:
-                rows = len(ids) // length
+            rows = min(max(1, budget // length), len(ids) // length)
             if rows == 0:
                 raise ValueError(
                     f"the held-out text holds {len(ids):,} tokens, fewer than one row of {length:,}"
@@ -91,8 +83,6 @@ def long_perplexity(
             if length > window:
                 entry["ppl_past_window"] = math.exp(nll[:, window - 1 :].mean().item())
             results[str(length)] = entry
-    finally:
-        model.train(was_training)
     return results
 
 
@@ -112,10 +102,8 @@ def passkey_accuracy(
 ) -> dict[str, Any]:
     """Exact-match accuracy of passkey retrieval per prompt length and depth (the first number in the
     answer must be the key)."""
-    was_training = model.training
-    model.eval()
     out: dict[str, Any] = {}
-    try:
+    with _evaluating(model):
         for length in lengths:
             per: dict[str, float] = {}
             # the prompt, the chat template's tokens and the answer all inside `length`
@@ -134,6 +122,15 @@ def passkey_accuracy(
                 )
                 per[f"{depth:g}"] = result["accuracy"]
             out[str(length)] = {"accuracy": sum(per.values()) / len(per), "by_depth": per}
+    return out
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block (full attention: S2-Attn is for training only)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return out

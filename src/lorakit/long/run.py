@@ -24,7 +24,8 @@ from ..options import RunConfig, method_config, optimizer_groups
 from ..run import (
     SCORING_ONLY,
     api_load,
-    quiet,
+    launch,
+    other_rank_done,
     run_metrics,
 )  # run.py imports this module only inside train_run
 from ..run_data import replay_on
@@ -55,10 +56,7 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
     if not train_cfg.resume:
         refuse_existing_run(out_dir / "checkpoints")
     started = time.perf_counter()
-    world = distributed.World.from_env()  # torchrun: as run.train_run, rank 0 evaluates and writes
-    distributed.check_batch(train_cfg.batch_size, train_cfg.micro_batch_size, world)
-    if not world.main:
-        say = quiet
+    world, say = launch(train_cfg, say)  # torchrun: as run.train_run, rank 0 evaluates and writes
     if cfg.data or cfg.eval_data:
         raise ValueError(
             "--task wiki trains on the Wikipedia articles it ships with; --data/--eval-data are for chat data"
@@ -105,8 +103,7 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
     )
     result = trainer.train()
     if not world.main:
-        distributed.barrier()
-        return {"rank": world.rank, "train": {"steps": result.steps, "final_loss": result.final_loss}}
+        return other_rank_done(world, result)
     adapter_dir = api.save_adapter(model, out_dir / "adapter")[0]
     after = (
         None if cfg.skip_eval else _evaluate(model, tokenizer, held_ids, lengths, window, cfg, say, "after")

@@ -203,12 +203,11 @@ def extend_as_trained(model: nn.Module, folder: str | os.PathLike) -> dict[str, 
     if record is None or positions_match(model, record):
         return record
     rope = dict(record["rope_parameters"])
-    if original_window(model.config) != int(
-        record.get("original_window", 0) or original_window(model.config)
-    ):
+    recorded, own = record.get("original_window"), original_window(model.config)
+    if recorded and int(recorded) != own:
         raise ValueError(
-            f"{folder} extends a model of window {record['original_window']}; this one's is "
-            f"{original_window(model.config)}: it is not the base the adapter was trained on"
+            f"{folder} extends a model of window {recorded}; this one's is {own}: it is not the base "
+            "the adapter was trained on"
         )
     extend_context(model, int(record["max_position_embeddings"]), str(rope["rope_type"]))
     if not positions_match(model, record):

@@ -1,7 +1,7 @@
 """More than one process: PyTorch's DistributedDataParallel under `torchrun` or `accelerate launch`.
 
-Both launchers start one process per device and set RANK, WORLD_SIZE and LOCAL_RANK; lorakit reads
-them (`World.from_env`) and joins the process group itself (gloo on CPU, nccl on CUDA), so
+Both launchers start one process per device and set RANK and WORLD_SIZE; lorakit reads them
+(`World.from_env`) and joins the process group itself (gloo on CPU, nccl on CUDA), so
 `torchrun --nproc-per-node 2 -m lorakit train ...` and `accelerate launch -m lorakit train ...` run
 the ordinary trainer. What changes with N processes, and nothing else:
 
@@ -36,7 +36,6 @@ from torch import nn
 class World:
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -48,16 +47,15 @@ class World:
 
     @classmethod
     def from_env(cls) -> World:
-        """The launcher's RANK / WORLD_SIZE / LOCAL_RANK (one process: rank 0 of 1)."""
+        """The launcher's RANK / WORLD_SIZE (one process: rank 0 of 1)."""
         try:
             size = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
-            local = int(os.environ.get("LOCAL_RANK", str(rank)))
         except ValueError as err:
-            raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err})") from None
+            raise ValueError(f"RANK/WORLD_SIZE must be integers ({err})") from None
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"RANK={rank} and WORLD_SIZE={size} do not describe a process of the launch")
-        return cls(rank, size, local)
+        return cls(rank, size)
 
 
 TIMEOUT = datetime.timedelta(minutes=30)  # rank 0 evaluates while the others wait at a barrier
@@ -74,20 +72,23 @@ def join(world: World, device: torch.device) -> None:
 def current() -> World:
     """The world of this process: the process group's if one is initialised, else the launcher's."""
     if dist.is_available() and dist.is_initialized():
-        return World(
-            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        )
+        return World(dist.get_rank(), dist.get_world_size())
     return World.from_env()
 
 
+def _shared() -> bool:
+    """Whether a process group of more than one process is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _shared():
         dist.barrier()
 
 
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums over ranks of a few numbers (counts, logged losses); as given alone."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _shared():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -116,9 +117,8 @@ class LossModule(nn.Module):
         return self.__dict__["loss_fn"](self.model, **kwargs)
 
 
-def wrap(model: nn.Module, loss_fn, world: World, device: torch.device) -> nn.Module:  # noqa: ANN001
-    """`LossModule(model)`, in DDP when there is more than one process."""
-    module = LossModule(model, loss_fn)
+def wrap(module: LossModule, world: World, device: torch.device) -> nn.Module:
+    """The loss module in DDP when there is more than one process; as it is otherwise."""
     if not world.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -126,7 +126,7 @@ def wrap(model: nn.Module, loss_fn, world: World, device: torch.device) -> nn.Mo
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
     # a part that may leave some of its parameters without a gradient in a step (a routed mixture's
     # top-k gates) says so; DDP then looks for them, one extra walk of the autograd graph per step
-    unused = any(getattr(m, "skips_parameters", False) for m in model.modules())
+    unused = any(getattr(m, "skips_parameters", False) for m in module.modules())
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
 
 

@@ -152,10 +152,9 @@ class Trainer:
         distributed.join(self.world, self.device)
         progress, order = self._begin()
         self._prepare_model()
-        if self.world.enabled:
-            self.loss_model = distributed.wrap(self.model, chunked_causal_lm_loss, self.world, self.device)
+        self.loss_model = distributed.wrap(self.loss_model, self.world, self.device)
         resume_step = progress.step if progress.step else None
-        log = JsonlLog(self.output_dir / "log.jsonl", resume_step) if self.world.main else _NoLog(resume_step)
+        log = JsonlLog(self.output_dir / "log.jsonl", resume_step) if self.world.main else _NoLog()
         if self.config.report_to == "tensorboard" and self.world.main:
             log.mirrors.append(TensorBoardLog(self.output_dir / "tensorboard"))
         # a resumed run reports the whole held-out curve, not only the evaluations after the resume
@@ -544,7 +543,7 @@ class Trainer:
 class _NoLog:
     """The log of ranks other than 0: rank 0 writes log.jsonl."""
 
-    def __init__(self, resume_step: int | None) -> None:
+    def __init__(self) -> None:
         self.kept: list[dict[str, Any]] = []
         self.mirrors: list[Any] = []
         self.path = None
