@@ -1,4 +1,4 @@
-"""DDP through torchrun (train/distributed.py): 2 gloo processes on a tiny model end where 1 process
+"""DDP and FSDP2 through torchrun (train/distributed.py, train/fsdp.py): 2 gloo processes on a tiny model end where 1 process
 with the same global batch ends, resume on 2 ranks, rank-0-only outputs, a bad launch refused."""
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 
 def _losses(out: Path) -> list[float]:
     return [
-        json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if "loss" in line
+        record["loss"]
+        for line in (out / "log.jsonl").read_text().splitlines()
+        if "loss" in (record := json.loads(line))
     ]
 
 
@@ -54,9 +56,74 @@ def test_two_processes_end_where_one_does(method, tmp_path) -> None:
     assert len(_losses(two)) == 4  # rank 0 alone writes the log: one line per step
 
 
-def test_checkpointing_under_ddp(tmp_path) -> None:
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fsdp2_ends_where_one_process_does(method, tmp_path) -> None:
+    """FSDP2: the frozen base and the adapter sharded, rank 0 evaluating alone mid-run (the whole
+    model gathered on every rank, then sharded again), the same adapter and curve as 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(_run(one, method, "--eval-every", "2"))
+    _ok(_run(two, method, "--eval-every", "2", "--fsdp", procs=2))
+    single = torch.load(one / "params-0.pt")
+    rank0, rank1 = torch.load(two / "params-0.pt"), torch.load(two / "params-1.pt")
+    assert single.keys() == rank0.keys() == rank1.keys()
+    for name in single:
+        assert rank0[name].shape == single[name].shape, name  # whole again after train()
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(_losses(two), _losses(one), atol=1e-5, rtol=1e-5)
+    evals = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines() if "eval_loss" in line]
+    expected = [
+        json.loads(line) for line in (one / "log.jsonl").read_text().splitlines() if "eval_loss" in line
+    ]
+    assert [e["step"] for e in evals] == [2, 4]
+    for got, want in zip(evals, expected, strict=True):
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
+
+
+def test_fsdp2_resume_reaches_the_uninterrupted_run_and_checkpoints_are_whole(tmp_path) -> None:
+    from lorakit.train import checkpoint as ckpt
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _ok(_run(whole, "lora", "--steps", "6", "--fsdp", procs=2))
+    _ok(_run(cut, "lora", "--steps", "6", "--stop-after", "3", "--fsdp", procs=2))
+    weights, state = ckpt.load_checkpoint(cut / "checkpoints" / "step-000002")
+    single = torch.load(whole / "params-0.pt")
+    assert weights.keys() == single.keys()
+    assert all(weights[n].shape == single[n].shape for n in single)  # full tensors, not shards
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert [tuple(m.shape) for m in moments] == [tuple(single[n].shape) for n in state["groups"][0]]
+    _ok(_run(cut, "lora", "--steps", "6", "--resume", "--fsdp", procs=2))
+    resumed = torch.load(cut / "params-0.pt")
+    for name in single:
+        torch.testing.assert_close(resumed[name], single[name], atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(_losses(cut), _losses(whole), atol=1e-6, rtol=0)
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(tmp_path) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _ok(_run(whole, "lora", "--steps", "6"))
+    _ok(_run(cut, "lora", "--steps", "6", "--stop-after", "3", "--fsdp", procs=2))
+    _ok(_run(cut, "lora", "--steps", "6", "--resume"))  # the same format as a one-process checkpoint
+    expected, resumed = torch.load(whole / "params-0.pt"), torch.load(cut / "params-0.pt")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fsdp2_refuses_a_method_that_cannot_shard_on_every_rank(tmp_path) -> None:
+    result = _run(tmp_path / "bad", "qlora", "--fsdp", procs=2)
+    assert result.returncode != 0
+    assert result.stderr.count("--fsdp: adapter 'default' (QLoRAConfig): its 4-bit weights are buffers") >= 2
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_checkpointing_under_ddp_and_fsdp2(sharding, tmp_path) -> None:
     _ok(_run(tmp_path / "one", "lora", "--checkpointing"))
-    _ok(_run(tmp_path / "two", "lora", "--checkpointing", procs=2))
+    _ok(
+        _run(
+            tmp_path / "two", "lora", "--checkpointing", *(["--fsdp"] if sharding == "fsdp" else []), procs=2
+        )
+    )
     single, rank0 = torch.load(tmp_path / "one" / "params-0.pt"), torch.load(tmp_path / "two" / "params-0.pt")
     for name in single:
         torch.testing.assert_close(rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
@@ -93,13 +160,13 @@ def cli_setup(tmp_path_factory):
     return root
 
 
-def _cli(root: Path, out: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+def _cli(root: Path, out: Path, launcher: list[str], *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     args = ["train", "--model", str(root / "base"), "--data", str(root / "train.jsonl"), "--steps", "3",
             "--batch-size", "4", "--micro-batch-size", "2", "--skip-eval", "--replay", "none", "--rank", "4",
-            "--no-progress-bar", "--output-dir", str(out)]  # fmt: skip
+            "--no-progress-bar", "--output-dir", str(out), *extra]  # fmt: skip
     return subprocess.run(
         [*launcher, "-m", "lorakit", *args], env=env, capture_output=True, text=True, timeout=TIMEOUT
     )
@@ -115,11 +182,13 @@ def test_the_command_line_under_torchrun_and_accelerate(cli_setup) -> None:
         "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
                        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
     }  # fmt: skip
+    runs["fsdp"] = runs["torchrun"]
     adapters = {}
     for name, launcher in runs.items():
         if name == "accelerate" and not Path(launcher[0]).exists():
             continue
-        result = _cli(root, root / name, launcher)
+        # the FSDP2 run also scores after training: rank 0 alone generates with the gathered model
+        result = _cli(root, root / name, launcher, *(["--fsdp", "--no-skip-eval"] if name == "fsdp" else []))
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("trainable params") == 1  # rank 0 alone prints
         adapters[name] = load_file(root / name / "adapter" / "adapter_model.safetensors")
@@ -128,6 +197,17 @@ def test_the_command_line_under_torchrun_and_accelerate(cli_setup) -> None:
         assert adapters[name].keys() == adapters["one"].keys()
         for key, tensor in adapters["one"].items():
             torch.testing.assert_close(adapters[name][key], tensor, atol=2e-5, rtol=1e-4, msg=f"{name} {key}")
+    assert "exact_match" in json.dumps(json.loads((root / "fsdp" / "metrics.json").read_text())["after"])
+    peft = pytest.importorskip("peft")  # the FSDP2 run's adapter is whole: PEFT loads every tensor
+    from transformers import AutoModelForCausalLM
+
+    loaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(root / "base"), root / "fsdp" / "adapter"
+    )
+    state = peft.get_peft_model_state_dict(loaded)
+    assert state.keys() == adapters["fsdp"].keys()
+    for key, tensor in adapters["fsdp"].items():
+        assert torch.equal(state[key], tensor), key
 
 
 def test_a_longlora_document_run_under_torchrun(cli_setup, tmp_path) -> None:

@@ -50,6 +50,9 @@ class ALoRAConfig(LoRAConfig):
     invocation_tokens: list[int] = field(default_factory=list)
 
     default_lr: ClassVar[float] = 1e-3
+    fsdp_problem: ClassVar[str | None] = (
+        "its per-forward invocation context is not checked under FSDP2 here; train it with DDP (leave out --fsdp)"
+    )
     # `lorakit chat` keeps the history as the base model's KV cache and invokes the adapter on it
     invoked_on_base_cache: ClassVar[bool] = True
 

@@ -55,6 +55,10 @@ class LongLoRAConfig(LoRAConfig):
     # below LoRA's 1e-3: the embedding and norms train whole (the paper used 2e-5 on 7B models);
     # not tuned here yet
     default_lr: ClassVar[float] = 2e-4
+    fsdp_problem: ClassVar[str | None] = (
+        "it trains the embedding and the norms whole beside the LoRA (modules_to_save), which are not "
+        "sharded here; train it with DDP (leave out --fsdp)"
+    )
     # the paper's LoRA settings, and activation checkpointing (it trains with it: from 4k tokens on
     # the activations are most of the memory)
     # `lorakit train --method longlora`: long Wikipedia articles packed into rows of --context tokens

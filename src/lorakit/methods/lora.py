@@ -61,6 +61,8 @@ class LoRAConfig:
     ensure_weight_tying: bool = True
 
     peft_type: ClassVar[str] = "LORA"
+    # None: trains under FSDP2 (--fsdp, train/fsdp.py); a subclass that cannot says why
+    fsdp_problem: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if self.rank < 1:

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -46,6 +46,11 @@ class QLoRAConfig(LoRAConfig):
     skip_modules: list[str] = field(default_factory=list)  # linear layers to keep in full precision
     # opt-in: the embedding table (and the output head, tied or not) in NF4 too; see quant/embedding.py
     quantize_embeddings: bool = False
+
+    fsdp_problem: ClassVar[str | None] = (
+        "its 4-bit weights are buffers, which FSDP2 does not shard: every rank would keep the whole base "
+        "and gain nothing over DDP; QLoRA trains with DDP (leave out --fsdp)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

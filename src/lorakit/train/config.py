@@ -78,6 +78,13 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("recompute activations in backward to save memory")
     )
+    fsdp: bool = field(
+        default=False,
+        metadata=_help(
+            "under torchrun / accelerate launch: shard the frozen base and the adapter with FSDP2 "
+            "(fully_shard per decoder layer) instead of DDP's whole copy per process; LoRA and DoRA"
+        ),
+    )
     optimizer: str = field(
         default="adamw",
         metadata=_help(

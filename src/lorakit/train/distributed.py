@@ -132,7 +132,13 @@ def wrap(module: LossModule, world: World, device: torch.device) -> nn.Module:
 
 @contextlib.contextmanager
 def no_sync(module: nn.Module, skip: bool) -> Iterator[None]:
-    """DDP's `no_sync()` when `skip` (a micro-batch before the step's last), else nothing."""
+    """DDP's `no_sync()` (FSDP2's `set_requires_gradient_sync`) when `skip` (a micro-batch before
+    the step's last), else nothing."""
+    from lorakit.train import fsdp
+
+    if fsdp.no_sync(module, skip):
+        yield
+        return
     sync_off = getattr(module, "no_sync", None)
     if skip and sync_off is not None:
         with sync_off():

@@ -80,7 +80,11 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             ids, mask = _left_pad([encoded[i] for i in rows], tokenizer.pad_token_id, _device(model))
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # one process generates (rank 0 of a launch, the model gathered whole after FSDP2):
+            # transformers would otherwise sync every token with ranks that are not generating
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
+            )
             for i, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
                 answers[i] = _decode_until(tokenizer, new, eos)
     return answers

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lorakit.core.model import adapter_settings, disable_adapters, training_hooks
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import distributed
+from lorakit.train import distributed, fsdp
 from lorakit.train.batching import (
     Collate,
     Replay,
@@ -137,6 +137,10 @@ class Trainer:
         self.trainable = dict(iter_trainable(model))
         groups = param_groups or default_param_groups(model, config.weight_decay)
         self.group_names = _group_names(groups, self.trainable)
+        self._groups = groups  # rebuilt by name when FSDP2 replaces the parameters
+        self.fsdp = config.fsdp and self.world.enabled  # one process: nothing to shard
+        if self.fsdp and (reason := fsdp.problem(model, config)):
+            raise ValueError(f"--fsdp: {reason}")  # on every rank, before any collective
         _check_master_dtype(self.trainable)
         self.optimizer = build_optimizer(groups, config, self.device)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -150,9 +154,12 @@ class Trainer:
 
     def train(self) -> TrainResult:
         distributed.join(self.world, self.device)
-        progress, order = self._begin()
         self._prepare_model()
-        self.loss_model = distributed.wrap(self.loss_model, self.world, self.device)
+        if self.fsdp:
+            self._shard()
+        else:
+            self.loss_model = distributed.wrap(self.loss_model, self.world, self.device)
+        progress, order = self._begin()
         resume_step = progress.step if progress.step else None
         log = JsonlLog(self.output_dir / "log.jsonl", resume_step) if self.world.main else _NoLog()
         if self.config.report_to == "tensorboard" and self.world.main:
@@ -175,6 +182,8 @@ class Trainer:
                 progress.elapsed = time.perf_counter() - started
                 self._after_step(record, progress, order, log, bar, evals)
         log.close()
+        if self.fsdp:  # whole again on every rank: rank 0 writes and scores the adapter alone
+            fsdp.gather(self.loss_model)
         self._call("on_train_end", self.config.steps)
         return self._finish(progress, log, evals)
 
@@ -345,7 +354,7 @@ class Trainer:
 
     def _clip(self, step: int) -> float:
         max_norm = self.config.max_grad_norm or math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), max_norm))
+        norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), max_norm)))
         if not math.isfinite(norm):
             raise FloatingPointError(self._diverged("the gradient norm", norm, step))
         return norm
@@ -366,12 +375,13 @@ class Trainer:
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if self.eval_fn and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            if self.world.main:  # rank 0 evaluates; the others wait
-                evals.append(self._evaluate(step))
-                log.write(evals[-1])
-            distributed.barrier()
+            with fsdp.gathered(self.loss_model) if self.fsdp else contextlib.nullcontext():
+                if self.world.main:  # rank 0 evaluates; the others wait
+                    evals.append(self._evaluate(step))
+                    log.write(evals[-1])
+                distributed.barrier()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            if self.world.main:
+            if self.world.main or self.fsdp:  # under FSDP2 every rank joins the gathers
                 self._save(progress, order)
             distributed.barrier()  # a checkpoint is whole before any rank goes on (or stops)
 
@@ -469,7 +479,23 @@ class Trainer:
             return None
         return SampleOrder(len(self.replay.samples), self.config.seed, stream="replay", **position)
 
+    def _shard(self) -> None:
+        """FSDP2 (train/fsdp.py): shard, then the optimizer over the new (DTensor) parameters."""
+        fsdp.shard(self.model, self.loss_model, self.device, self.world.size)
+        self.trainable = dict(iter_trainable(self.model))
+        groups = [
+            {**group, "params": [self.trainable[n] for n in names]}
+            for group, names in zip(self._groups, self.group_names, strict=True)
+        ]
+        self.optimizer = build_optimizer(groups, self.config, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.config)
+
     def _save(self, progress: _Progress, order: SampleOrder) -> None:
+        # full tensors in the one-process format (under FSDP2 a gather every rank joins)
+        weights = {n: fsdp.full(p.detach()) for n, p in self.trainable.items()}
+        optimizer = fsdp.full_optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
+        if not self.world.main:
+            return
         state = {
             "format": 1,
             "step": progress.step,
@@ -477,7 +503,7 @@ class Trainer:
             "position": order.position,
             "replay_position": self.replay_order.position if self.replay_order else None,
             "replay_data": fingerprint(self.replay.samples) if self.replay else None,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
             "config": self.config.to_dict(),
@@ -488,7 +514,7 @@ class Trainer:
             "adapters": self.adapter_settings,
         }
         folder = ckpt.step_dir(self.checkpoint_root, progress.step)
-        ckpt.save_checkpoint(folder, {n: p.detach() for n, p in self.trainable.items()}, state)
+        ckpt.save_checkpoint(folder, weights, state)
         ckpt.prune(self.checkpoint_root, self.config.keep_checkpoints)
 
     def _restore(self, folder: Path) -> tuple[_Progress, SampleOrder]:
@@ -502,8 +528,11 @@ class Trainer:
             )
         with torch.no_grad():
             for name, param in self.trainable.items():
-                param.copy_(weights[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+                param.copy_(fsdp.local_like(weights[name], param))  # a shard under FSDP2
+        if self.fsdp:
+            fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for hook, hook_state in zip(self._stateful_hooks(), state["hooks"], strict=True):
             hook.load_state_dict(hook_state)

@@ -1,11 +1,12 @@
 """One training process of tests/train/test_distributed.py: run alone (1 process) or under torchrun.
 
     python ddp_worker.py OUT METHOD [--steps N] [--batch B] [--micro M] [--resume] [--stop-after K]
-    [--checkpointing]
+    [--checkpointing] [--fsdp] [--eval-every K]
 
 Trains a tiny Llama with METHOD (lora, dora, adapter, mopeft) on fixed samples and writes, per rank,
 OUT/params-<rank>.pt (the trainable tensors at the end). `--stop-after K` raises after step K (an
-interruption), after the checkpoint of that step."""
+interruption), after the checkpoint of that step. `--eval-every K` evaluates the loss of 4 fixed
+samples every K steps (rank 0 alone, as the trainer does); the values land in OUT/log.jsonl."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def samples(n: int) -> list[dict]:
         ids = [rng.randrange(3, VOCAB) for _ in range(length)]
         out.append({"input_ids": ids, "labels": [-100] * (length - answer) + ids[length - answer :]})
     return out
+
+
+def held_out(model) -> float:  # noqa: ANN001
+    ids = torch.tensor([s["input_ids"][:5] for s in samples(36)[32:]])
+    return float(model(input_ids=ids, labels=ids).loss)
 
 
 class Stop:
@@ -62,6 +68,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after", type=int, default=0)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--eval-every", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = tiny_llama(0, vocab_size=VOCAB)
@@ -69,15 +77,20 @@ def main() -> None:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch, micro_batch_size=args.micro, lr=1e-2, precision="fp32",
         output_dir=args.out, checkpoint_every=2, keep_checkpoints=0, progress_bar=False, seed=0,
-        resume=args.resume, gradient_checkpointing=args.checkpointing, fast_kernels=False,
+        resume=args.resume, gradient_checkpointing=args.checkpointing, fast_kernels=False, fsdp=args.fsdp,
+        eval_every=args.eval_every,
     )  # fmt: skip
     hooks = lk.training_hooks(model) + ([Stop(args.stop_after)] if args.stop_after else [])
     rank = int(os.environ.get("RANK", "0"))
     try:
-        Trainer(model, samples(32), config, hooks=hooks).train()
+        Trainer(
+            model, samples(32), config, hooks=hooks, eval_fn=held_out if args.eval_every else None
+        ).train()
     except KeyboardInterrupt:
-        pass
+        return  # interrupted: the checkpoint is what counts (under FSDP2 the model is left sharded)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if any(hasattr(p, "full_tensor") for p in trained.values()):
+        raise SystemExit("the trained model is still sharded after train()")
     torch.save(trained, os.path.join(args.out, f"params-{rank}.pt"))
 
 
