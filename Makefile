@@ -20,7 +20,7 @@ LONG_TEXT_PACKAGE := gensim==4.4.0
 # On a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" install
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint clean test-latest lock test-clients
+.PHONY: install demo test lint clean test-latest lock test-clients browser
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,15 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# Debian's headless Chromium for the arena report's browser test (tests/arena), where this machine
+# lets us install it (root with apt-get); elsewhere that one test skips and says why.
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
+	  >/dev/null 2>&1; } || echo "chromium not installed: the arena report's browser test will skip"
 
 # Exports served by a real client: llama.cpp through llama-cpp-python, built from source here (about
 # 6 minutes on 2 cores), so it is not part of `make test`. docs/export.md has the figures.

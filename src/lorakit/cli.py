@@ -447,6 +447,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(render(result), end="")
 
 
+def cmd_arena(args: argparse.Namespace) -> None:
+    from .arena import ArenaConfig, run_arena
+    from .arena.report import write_report
+
+    if args.report_only:
+        write_report(Path(args.out))
+        print(f"report: {Path(args.out) / 'report.html'}, {Path(args.out) / 'report.md'}")
+        return
+    options = {
+        k: getattr(args, k) for k in ArenaConfig.__dataclass_fields__ if k != "settings" and hasattr(args, k)
+    }
+    run_arena(ArenaConfig(**options))
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .ranks import adapter_ranks, format_ranks, plot_rank_heatmap
 
@@ -655,6 +669,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plot", default=None, help="heatmap PNG path (default: ADAPTER/rank_heatmap.png; 'none' to skip)"
     )
+
+    p = command(
+        "arena",
+        cmd_arena,
+        "train every method on the same task, data, steps and seeds; one table, one report (HTML, Markdown, PNG)",
+    )
+    p.add_argument(
+        "--methods", default="all", help="comma-separated arms (lora,rslora,pissa,dora,...) or all"
+    )
+    p.add_argument(
+        "--out", default="arena", help="the arena folder: runs/, results.json, report.html (default: arena)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="one seed, fewer steps and a smaller evaluation (~10 min)"
+    )
+    for name, kind, text in (
+        ("seeds", int, "seeds per method (default 3; --quick 1)"),
+        ("steps", int, "optimizer steps per run (default 30; --quick 8)"),
+        ("batch-size", int, "samples per step (default 8)"),
+        ("micro-batch-size", int, "samples per forward (default 8)"),
+        ("eval-limit", int, "held-out items scored per run (default 60; --quick 16)"),
+        ("general-questions", int, "general questions of the forgetting probe (default 40; --quick 12)"),
+        ("general-tokens", int, "general-text tokens for the perplexity change (default 2048; --quick 1024)"),
+        ("kl-prompts", int, "prompts for the KL from the base (default 8; --quick 4)"),
+        ("latency-tokens", int, "new tokens per timed generation (default 32; --quick 16)"),
+        ("model", str, "base model (default: SmolLM2-135M-Instruct)"),
+        ("task", str, "built-in task (default: lorakit train's)"),
+        ("data", str, "training data file (JSONL/CSV/Parquet, as lorakit train --data)"),
+        ("eval-data", str, "held-out data file"),
+    ):
+        p.add_argument(f"--{name}", type=kind, default=None, help=text)
+    p.add_argument(
+        "--train-args", default="", help='more lorakit train options for every run, e.g. "--max-length 128"'
+    )
+    p.add_argument("--retry-failed", action="store_true", help="run the failed runs of a resumed arena again")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from the run folders")
 
     p = command("bench", cmd_bench, "benchmark speed and memory against Hugging Face PEFT in the same run")
     from .bench import add_arguments as add_bench_arguments
