@@ -686,14 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, kind, text in (
         ("seeds", int, "seeds per method (default 3; --quick 1)"),
-        ("steps", int, "optimizer steps per run (default 30; --quick 8)"),
+        ("steps", int, "optimizer steps per run (default 24; --quick 8)"),
         ("batch-size", int, "samples per step (default 8)"),
         ("micro-batch-size", int, "samples per forward (default 8)"),
-        ("eval-limit", int, "held-out items scored per run (default 60; --quick 16)"),
-        ("general-questions", int, "general questions of the forgetting probe (default 40; --quick 12)"),
+        ("eval-limit", int, "held-out items scored per run (default 40; --quick 16)"),
+        ("general-questions", int, "general questions of the forgetting probe (default 30; --quick 12)"),
         ("general-tokens", int, "general-text tokens for the perplexity change (default 2048; --quick 1024)"),
         ("kl-prompts", int, "prompts for the KL from the base (default 8; --quick 4)"),
-        ("latency-tokens", int, "new tokens per timed generation (default 32; --quick 16)"),
+        ("latency-tokens", int, "new tokens per timed generation (default 24; --quick 16)"),
         ("model", str, "base model (default: SmolLM2-135M-Instruct)"),
         ("task", str, "built-in task (default: lorakit train's)"),
         ("data", str, "training data file (JSONL/CSV/Parquet, as lorakit train --data)"),
@@ -702,6 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=kind, default=None, help=text)
     p.add_argument(
         "--train-args", default="", help='more lorakit train options for every run, e.g. "--max-length 128"'
+    )
+    p.add_argument(
+        "--match-params",
+        type=int,
+        default=None,
+        help="size each arm (rank, adapter width, virtual tokens) to train about this many parameters",
     )
     p.add_argument("--retry-failed", action="store_true", help="run the failed runs of a resumed arena again")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")

@@ -154,6 +154,26 @@ def test_a_killed_arena_resumes_where_it_stopped(tiny) -> None:
     assert json.loads((out / "results.json").read_text())["arms"]["dora"]["done"] == 1
 
 
+def test_matched_trainable_parameters(tiny) -> None:
+    out = tiny / "matched"
+    result = _arena(
+        tiny, out, "--methods", "lora,adapter,prompt,norm", "--seeds", "1", "--match-params", "8000"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = json.loads((out / "arena.json").read_text())
+    assert header["matched"]["lora"]["knob"] == "rank" and "note" in header["matched"]["norm"]
+    results = json.loads((out / "results.json").read_text())
+    for name in ("lora", "adapter", "prompt"):
+        count = results["arms"][name]["metrics"]["trainable_params"]["mean"]
+        step = header["matched"][name]["expected"] / header["matched"][name]["value"]  # one knob unit, about
+        assert abs(count - 8000) <= step, (name, count)  # the nearest size to the target
+        assert count == header["matched"][name]["expected"], name
+    status = json.loads((out / "runs" / "lora-s0" / "status.json").read_text())
+    assert status["args"][-4:] == ["--rank", str(header["matched"]["lora"]["value"]), "--alpha",
+                                   str(2.0 * header["matched"]["lora"]["value"])]  # fmt: skip
+    assert "Sized to about 8,000 trainable parameters: lora rank=" in (out / "report.md").read_text()
+
+
 def test_bad_input_is_refused_in_one_line(tiny, tmp_path) -> None:
     result = _arena(tiny, tmp_path / "a", "--methods", "lora,nosuch")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(

@@ -116,6 +116,28 @@ def test_fsdp2_refuses_a_method_that_cannot_shard_on_every_rank(tmp_path) -> Non
     assert not (tmp_path / "bad" / "log.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "method", ["dora", "adapter", "adalora", "alora", "quantum", "prompt", "prefix", "norm", "full"]
+)
+def test_every_other_method_under_ddp_ends_where_one_process_does(method, tmp_path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(_run(one, method))
+    _ok(_run(two, method, procs=2))
+    single, rank0 = torch.load(one / "params-0.pt"), torch.load(two / "params-0.pt")
+    assert single.keys() == rank0.keys()
+    for name in single:
+        torch.testing.assert_close(rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(_losses(two), _losses(one), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_layers_under_ddp(tmp_path) -> None:
+    _ok(_run(tmp_path / "one", "lora", "--compile"))
+    _ok(_run(tmp_path / "two", "lora", "--compile", procs=2))
+    single, rank0 = torch.load(tmp_path / "one" / "params-0.pt"), torch.load(tmp_path / "two" / "params-0.pt")
+    for name in single:
+        torch.testing.assert_close(rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_checkpointing_under_ddp_and_fsdp2(sharding, tmp_path) -> None:
     _ok(_run(tmp_path / "one", "lora", "--checkpointing"))

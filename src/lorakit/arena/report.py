@@ -176,7 +176,14 @@ def _environment_line(header: dict[str, Any]) -> str:
 def _settings_line(header: dict[str, Any]) -> str:
     s = header["settings"]
     parts = [f"{k}={v}" for k, v in s.items() if v not in (None, "")]
-    return f"{header['seeds']} seed(s); " + ", ".join(parts)
+    line = f"{header['seeds']} seed(s); " + ", ".join(parts)
+    matched = header.get("matched") or {}
+    if matched:
+        sized = [f"{n} {m['knob']}={m['value']}" for n, m in matched.items() if "knob" in m]
+        own = [f"{n} ({m['note']})" for n, m in matched.items() if "knob" not in m]
+        line += f". Sized to about {s['match_params']:,} trainable parameters: " + ", ".join(sized)
+        line += ("; at their own size: " + ", ".join(own)) if own else ""
+    return line
 
 
 def markdown(result: dict[str, Any], images: dict[str, str]) -> str:

@@ -27,13 +27,13 @@ from .arms import Arm, resolve_arms
 
 # what every arm shares. The full default: 16 arms x 3 seeds in under about an hour on 2 cores;
 # --quick: one seed and fewer steps, under about ten minutes (docs/arena.md has the measured times)
-FULL = {"seeds": 3, "steps": 30, "batch_size": 8, "micro_batch_size": 8, "eval_limit": 60,
-        "general_questions": 40, "general_tokens": 2048, "kl_prompts": 8, "latency_tokens": 32}  # fmt: skip
+FULL = {"seeds": 3, "steps": 24, "batch_size": 8, "micro_batch_size": 8, "eval_limit": 40,
+        "general_questions": 30, "general_tokens": 2048, "kl_prompts": 8, "latency_tokens": 24}  # fmt: skip
 QUICK = {"seeds": 1, "steps": 8, "batch_size": 8, "micro_batch_size": 8, "eval_limit": 16,
          "general_questions": 12, "general_tokens": 1024, "kl_prompts": 4, "latency_tokens": 16}  # fmt: skip
 # settings that change what a run computes: an arena folder resumes only with the same ones
 SHARED = ("steps", "batch_size", "micro_batch_size", "eval_limit", "general_questions", "general_tokens",
-          "kl_prompts", "latency_tokens", "model", "task", "data", "eval_data", "train_args")  # fmt: skip
+          "kl_prompts", "latency_tokens", "model", "task", "data", "eval_data", "train_args", "match_params")  # fmt: skip
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ArenaConfig:
     data: str | None = None
     eval_data: str | None = None
     train_args: str = ""  # more `lorakit train` options for every run, e.g. "--max-length 128"
+    match_params: int | None = None  # each arm sized to train about this many parameters (matching.py)
     retry_failed: bool = False
     progress_bar: bool = True
     settings: dict[str, Any] = field(default_factory=dict, init=False)
@@ -64,7 +65,7 @@ class ArenaConfig:
         self.settings = {
             k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
         }
-        for k in ("model", "task", "data", "eval_data", "train_args"):
+        for k in ("model", "task", "data", "eval_data", "train_args", "match_params"):
             self.settings[k] = getattr(self, k) or None
         for k in ("seeds", "steps", "batch_size", "micro_batch_size", "latency_tokens"):
             if self.settings[k] < 1:
@@ -72,6 +73,8 @@ class ArenaConfig:
         if self.settings["batch_size"] % self.settings["micro_batch_size"]:
             raise ValueError("--batch-size must be a multiple of --micro-batch-size")
         shlex.split(self.train_args)  # unbalanced quotes fail here, not in the first child
+        if self.match_params is not None and self.match_params < 1:
+            raise ValueError(f"--match-params must be a positive parameter count, got {self.match_params}")
 
 
 def run_id(arm: Arm, seed: int) -> str:
@@ -84,9 +87,11 @@ def plan(cfg: ArenaConfig) -> list[tuple[Arm, int]]:
     return [(arm, seed) for seed in range(cfg.settings["seeds"]) for arm in arms]
 
 
-def train_command(cfg: ArenaConfig, arm: Arm, seed: int, folder: Path, resume: bool) -> list[str]:
+def train_command(
+    cfg: ArenaConfig, arm: Arm, seed: int, folder: Path, resume: bool, sized: tuple[str, ...] = ()
+) -> list[str]:
     s = cfg.settings
-    command = [sys.executable, "-m", "lorakit", "train", *arm.args,
+    command = [sys.executable, "-m", "lorakit", "train", *arm.args, *sized,
                "--seed", str(seed), "--steps", str(s["steps"]), "--batch-size", str(s["batch_size"]),
                "--micro-batch-size", str(s["micro_batch_size"]), "--eval-limit", str(s["eval_limit"]),
                "--general-questions", str(s["general_questions"]), "--general-tokens", str(s["general_tokens"]),
@@ -210,14 +215,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_one(cfg: ArenaConfig, arm: Arm, seed: int, root: Path) -> dict[str, Any]:
+def run_one(cfg: ArenaConfig, arm: Arm, seed: int, root: Path, sized: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train one arm at one seed, then time its decoding; write and return its status."""
     folder = root / "runs" / run_id(arm, seed)
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "run.log"
-    code, wall, peak = _run_child(train_command(cfg, arm, seed, folder, resume), log)
-    status: dict[str, Any] = {"arm": arm.name, "seed": seed, "args": list(arm.args), "wall_s": wall,
+    code, wall, peak = _run_child(train_command(cfg, arm, seed, folder, resume, sized), log)
+    status: dict[str, Any] = {"arm": arm.name, "seed": seed, "args": [*arm.args, *sized], "wall_s": wall,
                               "peak_rss_mb": peak, "returncode": code, "resumed": resume, "finished": _stamp()}  # fmt: skip
     if code != 0 or not (folder / "metrics.json").is_file():
         status.update(status="failed", error=_error(log, code))
@@ -239,6 +244,14 @@ def run_arena(cfg: ArenaConfig, say: Any = print) -> dict[str, Any]:
     root = Path(cfg.out)
     runs = plan(cfg)  # refuses unknown arms before anything is written
     header = _begin(cfg, root)
+    sizes = header.get("matched") or {}
+    if cfg.settings["match_params"] and any(arm.name not in sizes for arm, _ in runs):
+        from .matching import matched_args
+
+        arms = list({arm.name: arm for arm, _ in runs}.values())
+        sizes.update(matched_args(arms, cfg.settings["match_params"], cfg.settings["model"]))
+        header["matched"] = sizes
+        _write_json(root / "arena.json", header)
     say(
         f"arena: {len(runs)} runs ({cfg.methods}, {cfg.settings['seeds']} seed(s)) in {root}; commit {header['commit']}"
     )
@@ -257,16 +270,15 @@ def run_arena(cfg: ArenaConfig, say: Any = print) -> dict[str, Any]:
             todo.append((arm, seed))
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="arena", disable=not cfg.progress_bar,
                dynamic_ncols=True)  # fmt: skip
-    failed = 0
     with bar:
         for arm, seed in todo:
             bar.set_postfix_str(run_id(arm, seed))
-            status = run_one(cfg, arm, seed, root)
+            status = run_one(cfg, arm, seed, root, tuple(sizes.get(arm.name, {}).get("args", ())))
             if status["status"] == "failed":
-                failed += 1
                 bar.write(f"{run_id(arm, seed)} failed: {status['error']}")
             bar.update(1)
     result = write_report(root)
+    failed = sum(len(arm["failed"]) for arm in result["arms"].values())
     say(
         f"arena: {len(runs) - failed} of {len(runs)} runs done; report: {root / 'report.html'}, {root / 'report.md'}"
     )

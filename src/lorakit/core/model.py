@@ -362,7 +362,9 @@ def param_groups(
     for module in model.modules():
         if isinstance(module, (Delta, ModelAdapter)):
             for role, params in module.role_parameters().items():
-                live = [p for p in params if p.requires_grad]
+                # a delta made of deltas (MoPEFT's mixture and its experts) is met twice in the walk:
+                # each parameter goes to the first role that claims it
+                live = [p for p in params if p.requires_grad and id(p) not in claimed]
                 by_role.setdefault(role, []).extend(live)
                 claimed.update(id(p) for p in params)
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]

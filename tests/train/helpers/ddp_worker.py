@@ -1,9 +1,9 @@
 """One training process of tests/train/test_distributed.py: run alone (1 process) or under torchrun.
 
     python ddp_worker.py OUT METHOD [--steps N] [--batch B] [--micro M] [--resume] [--stop-after K]
-    [--checkpointing] [--fsdp] [--eval-every K]
+    [--checkpointing] [--fsdp] [--eval-every K] [--compile]
 
-Trains a tiny Llama with METHOD (lora, dora, adapter, mopeft) on fixed samples and writes, per rank,
+Trains a tiny Llama with METHOD (a key of CONFIGS) on fixed samples and writes, per rank,
 OUT/params-<rank>.pt (the trainable tensors at the end). `--stop-after K` raises after step K (an
 interruption), after the checkpoint of that step. `--eval-every K` evaluates the loss of 4 fixed
 samples every K steps (rank 0 alone, as the trainer does); the values land in OUT/log.jsonl."""
@@ -55,6 +55,17 @@ CONFIGS = {
     "mopeft": lambda: lk.MoPEFTConfig(experts="lora,adapter", gate="topk", top_k=1, rank=4, alpha=8, size=8),
     "qlora": lambda: lk.QLoRAConfig(rank=4, alpha=8, compute_dtype="float32", blocksize=32),
     "longlora": lambda: lk.LongLoRAConfig(rank=4, s2_ratio=0),  # LoRA q/k/v/o + embedding and norms whole
+    "adalora": lambda: lk.AdaLoRAConfig(
+        target_rank=2, init_rank=4, alpha=8, target_modules=["q_proj", "v_proj"]
+    ),
+    "alora": lambda: lk.ALoRAConfig(
+        rank=4, alpha=8, target_modules=["q_proj", "v_proj"], invocation_tokens=[5]
+    ),
+    "quantum": lambda: lk.QuantumPEFTConfig(rank=4, target_modules=["q_proj", "v_proj"]),
+    "prompt": lambda: lk.PromptTuningConfig(num_virtual_tokens=4),
+    "prefix": lambda: lk.PrefixTuningConfig(num_virtual_tokens=4),
+    "norm": lambda: lk.NormTuningConfig(),
+    "full": lambda: lk.FullFinetuneConfig(),
 }
 
 
@@ -69,6 +80,9 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=0)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="compiled decoder layers (lorakit's fast path)"
+    )
     parser.add_argument("--eval-every", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -77,7 +91,7 @@ def main() -> None:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch, micro_batch_size=args.micro, lr=1e-2, precision="fp32",
         output_dir=args.out, checkpoint_every=2, keep_checkpoints=0, progress_bar=False, seed=0,
-        resume=args.resume, gradient_checkpointing=args.checkpointing, fast_kernels=False, fsdp=args.fsdp,
+        resume=args.resume, gradient_checkpointing=args.checkpointing, fast_kernels=args.compile, fsdp=args.fsdp, compile="on" if args.compile else "off",
         eval_every=args.eval_every,
     )  # fmt: skip
     hooks = lk.training_hooks(model) + ([Stop(args.stop_after)] if args.stop_after else [])
