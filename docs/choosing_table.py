@@ -76,6 +76,53 @@ def main() -> None:
     print(
         f"\nShared core (src/lorakit/core, every method): {core:,} lines. Commit {results['header']['commit']}."
     )
+    claims(results)
+
+
+def _stat(results: dict, arm: str, key: str, part: str = "mean") -> float | None:
+    stats = (results["arms"].get(arm) or {}).get("metrics", {}).get(key)
+    return None if stats is None else stats[part]
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def claims(results: dict) -> None:
+    """The figures each of the documents' claims is judged on (docs/choosing.md)."""
+    arms = results["arms"]
+
+    def pair(a: str, b: str, key: str, spec: str, scale: float = 1, part: str = "mean") -> str:
+        x, y = _stat(results, a, key, part), _stat(results, b, key, part)
+        return f"{_f(None if x is None else x * scale, spec)} vs {_f(None if y is None else y * scale, spec)}"
+
+    print("\n## Figures for the claims\n")
+    if "lora" in arms and "loraplus" in arms:
+        lora_curve, plus_curve = arms["lora"]["curve"], arms["loraplus"]["curve"]
+        target = lora_curve[-1][1] if lora_curve else None
+        reached = next((step for step, loss in plus_curve if target is not None and loss <= target), None)
+        print(f"- LoRA+ vs LoRA: answer NLL {pair('loraplus', 'lora', 'answer_nll', '.3f')}; exact match "
+              f"{pair('loraplus', 'lora', 'exact_match', '.1f', 100)}%; LoRA's final mean training loss "
+              f"{_f(target, '.4f')} first reached by LoRA+ at step {reached}; KL from base "
+              f"{pair('loraplus', 'lora', 'kl_from_base', '.4f')}")  # fmt: skip
+    if "dora" in arms and "full" in arms:
+        print(f"- DoRA vs full fine-tuning: answer NLL {pair('dora', 'full', 'answer_nll', '.3f')}; exact match "
+              f"{pair('dora', 'full', 'exact_match', '.1f', 100)}%; KL {pair('dora', 'full', 'kl_from_base', '.4f')}; "
+              f"s/step {pair('dora', 'full', 'step_s', '.2f')}")  # fmt: skip
+    if "qlora" in arms and "lora" in arms:
+        print(f"- QLoRA vs LoRA: peak RSS {pair('qlora', 'lora', 'peak_rss_mb', ',.0f')} MB; s/step "
+              f"{pair('qlora', 'lora', 'step_s', '.2f')}; decode unmerged {pair('qlora', 'lora', 'unmerged_ms', '.1f')} "
+              f"ms/token, merged {pair('qlora', 'lora', 'merged_ms', '.1f')}; answer NLL "
+              f"{pair('qlora', 'lora', 'answer_nll', '.3f')}")  # fmt: skip
+    if "adalora" in arms and "lora" in arms:
+        print(f"- AdaLoRA vs LoRA: answer NLL {pair('adalora', 'lora', 'answer_nll', '.3f')} (sd over seeds "
+              f"{pair('adalora', 'lora', 'answer_nll', '.3f', part='sd')}); exact match "
+              f"{pair('adalora', 'lora', 'exact_match', '.1f', 100)}% (sd {pair('adalora', 'lora', 'exact_match', '.1f', 100, 'sd')}); "
+              f"failed runs {len(arms['adalora']['failed'])}")  # fmt: skip
+    base = results.get("base_ms_per_token")
+    rows = [(n, _stat(results, n, "unmerged_ms"), _stat(results, n, "merged_ms")) for n in arms]
+    print(f"- decoding ms/token (base {_f(base, '.1f')}): " + "; ".join(
+        f"{n} {u:.1f}" + (f" / merged {m:.1f}" if m else "") for n, u, m in rows if u is not None))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ def run_row(folder: Path) -> dict[str, Any] | None:
     if status["status"] != "done":
         return row
     metrics, latency = _read(folder / "metrics.json"), _read(folder / "latency.json") or {}
+    if metrics is None:  # the folder was tidied by hand after the run
+        return {**row, "status": "failed", "error": f"{folder / 'metrics.json'} is missing"}
     before, after, train = metrics.get("before") or {}, metrics.get("after") or {}, metrics["train"]
     row.update(
         exact_match=after.get("exact_match"),
