@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_run_files(tmp_path_factory) -> Path:
+    """A folder with a saved tiny Llama and its tokenizer (`base/`) and 24 prompt/completion rows
+    (`train.jsonl`): what a command-line run in a child process needs."""
+    from lorakit.models import tiny_llama, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(24)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
 
 
 @pytest.fixture

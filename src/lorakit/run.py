@@ -8,7 +8,6 @@ its data `run_data.py`, its scoring `run_eval.py`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from . import api, vocab
-from .core.io import atomic_write
+from .core.io import atomic_write_json
 from .data import collate
 from .methods import METHODS
 from .models import load_tokenizer
@@ -131,8 +130,7 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     metrics = _metrics(
         cfg, train_cfg, before, after, result, train, model, adapter_dir, time.perf_counter() - started
     )
-    text = json.dumps(metrics, indent=2) + "\n"
-    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
+    atomic_write_json(out_dir / "metrics.json", metrics)
     say(format_table(before, after))
     say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
     distributed.barrier()

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import api
 from .core.contract import NotMergeableError
-from .core.io import atomic_write
+from .core.io import atomic_write_json
 from .data import collate, score_exact_match
 from .data.general import answer_contains
 from .options import RunConfig
@@ -120,7 +120,7 @@ def base_scores(model, tokenizer, data, cfg, out_dir, resume, say) -> tuple[dict
     else:
         before = evaluate(model, tokenizer, data, cfg)
         if shared is not None:
-            atomic_write(shared, lambda tmp: tmp.write_text(json.dumps(before, indent=2) + "\n"))
+            atomic_write_json(shared, before)
     cached.write_text(json.dumps(before, indent=2) + "\n")
     return before, reference
 

@@ -26,29 +26,17 @@ TINY = ["--steps", "2", "--eval-limit", "4", "--general-questions", "4", "--gene
         "--train-args", "--replay none --max-length 64", "--no-progress-bar"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from lorakit.models import tiny_llama, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("arena")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(24)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def _arena(tiny: Path, out: Path, *args: str, **popen: Any) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lorakit", "arena", "--model", str(tiny / "base"), "--data",
-               str(tiny / "train.jsonl"), "--out", str(out), *TINY, *args]  # fmt: skip
+def _arena(tiny_run_files: Path, out: Path, *args: str, **popen: Any) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "lorakit", "arena", "--model", str(tiny_run_files / "base"), "--data",
+               str(tiny_run_files / "train.jsonl"), "--out", str(out), *TINY, *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, **popen)
 
 
 @pytest.fixture(scope="module")
-def arena(tiny) -> Path:
-    out = tiny / "arena"
-    result = _arena(tiny, out, "--methods", "lora,dora,adapter", "--seeds", "2")
+def arena(tiny_run_files) -> Path:
+    out = tiny_run_files / "arena"
+    result = _arena(tiny_run_files, out, "--methods", "lora,dora,adapter", "--seeds", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -104,9 +92,11 @@ def test_the_report_says_what_the_run_folders_say(arena) -> None:
     assert f"{lora['mean']:.3f} ± {lora['sd']:.3f}" in table
 
 
-def test_a_failing_method_is_reported_and_the_others_complete(tiny) -> None:
-    out = tiny / "failing"
-    result = _arena(tiny, out, "--methods", "bitfit,lora", "--seeds", "1")  # the tiny Llama has no biases
+def test_a_failing_method_is_reported_and_the_others_complete(tiny_run_files) -> None:
+    out = tiny_run_files / "failing"
+    result = _arena(
+        tiny_run_files, out, "--methods", "bitfit,lora", "--seeds", "1"
+    )  # the tiny_run_files Llama has no biases
     assert result.returncode == 0, result.stderr[-3000:]
     status = json.loads((out / "runs" / "bitfit-s0" / "status.json").read_text())
     assert status["status"] == "failed" and status["error"].startswith("error:") and "bias" in status["error"]
@@ -117,18 +107,18 @@ def test_a_failing_method_is_reported_and_the_others_complete(tiny) -> None:
     assert "bitfit seed 0: error:" in (out / "report.md").read_text()
 
 
-def test_a_killed_arena_resumes_where_it_stopped(tiny) -> None:
-    out = tiny / "killed"
+def test_a_killed_arena_resumes_where_it_stopped(tiny_run_files) -> None:
+    out = tiny_run_files / "killed"
     args = ["--methods", "lora,dora", "--seeds", "1"]
-    # long enough (300 tiny steps) that the kill lands inside dora's training
+    # long enough (300 tiny_run_files steps) that the kill lands inside dora's training
     slow = [
         "--steps",
         "300",
         "--train-args",
         "--replay none --max-length 64 --checkpoint-every 1 --keep-checkpoints 1",
     ]
-    command = [sys.executable, "-m", "lorakit", "arena", "--model", str(tiny / "base"), "--data",
-               str(tiny / "train.jsonl"), "--out", str(out), *TINY, *slow, *args]  # fmt: skip
+    command = [sys.executable, "-m", "lorakit", "arena", "--model", str(tiny_run_files / "base"), "--data",
+               str(tiny_run_files / "train.jsonl"), "--out", str(out), *TINY, *slow, *args]  # fmt: skip
     child = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     dora = out / "runs" / "dora-s0"
@@ -154,10 +144,10 @@ def test_a_killed_arena_resumes_where_it_stopped(tiny) -> None:
     assert json.loads((out / "results.json").read_text())["arms"]["dora"]["done"] == 1
 
 
-def test_matched_trainable_parameters(tiny) -> None:
-    out = tiny / "matched"
+def test_matched_trainable_parameters(tiny_run_files) -> None:
+    out = tiny_run_files / "matched"
     result = _arena(
-        tiny, out, "--methods", "lora,adapter,prompt,norm", "--seeds", "1", "--match-params", "8000"
+        tiny_run_files, out, "--methods", "lora,adapter,prompt,norm", "--seeds", "1", "--match-params", "8000"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     header = json.loads((out / "arena.json").read_text())
@@ -174,17 +164,17 @@ def test_matched_trainable_parameters(tiny) -> None:
     assert "Sized to about 8,000 trainable parameters: lora rank=" in (out / "report.md").read_text()
 
 
-def test_bad_input_is_refused_in_one_line(tiny, tmp_path) -> None:
-    result = _arena(tiny, tmp_path / "a", "--methods", "lora,nosuch")
+def test_bad_input_is_refused_in_one_line(tiny_run_files, tmp_path) -> None:
+    result = _arena(tiny_run_files, tmp_path / "a", "--methods", "lora,nosuch")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
         "error: --methods: unknown arm"
     )
     assert not (tmp_path / "a").exists()
-    result = _arena(tiny, tmp_path / "b", "--methods", "longlora")
+    result = _arena(tiny_run_files, tmp_path / "b", "--methods", "longlora")
     assert result.returncode == 1 and "context-extension" in result.stderr
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "arena.json").write_text(json.dumps({"settings": {"steps": 99}, "started": "x"}))
-    result = _arena(tiny, tmp_path / "c", "--methods", "lora")
+    result = _arena(tiny_run_files, tmp_path / "c", "--methods", "lora")
     assert (
         result.returncode == 1
         and "holds an arena with other settings (steps=99 there, 2 here" in result.stderr

@@ -170,18 +170,6 @@ def test_a_batch_the_world_does_not_divide_is_refused_on_every_rank(tmp_path) ->
     assert not (tmp_path / "bad" / "log.jsonl").exists()
 
 
-@pytest.fixture(scope="module")
-def cli_setup(tmp_path_factory):
-    from lorakit.models import tiny_llama, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("cli")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    rows = [{"prompt": f"Say the word number {i}.", "completion": f"word{i}"} for i in range(24)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 def _cli(root: Path, out: Path, launcher: list[str], *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -194,10 +182,10 @@ def _cli(root: Path, out: Path, launcher: list[str], *extra: str) -> subprocess.
     )
 
 
-def test_the_command_line_under_torchrun_and_accelerate(cli_setup) -> None:
+def test_the_command_line_under_torchrun_and_accelerate(tiny_run_files) -> None:
     from safetensors.torch import load_file
 
-    root = cli_setup
+    root = tiny_run_files
     runs = {
         "one": [sys.executable],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"],
@@ -232,7 +220,7 @@ def test_the_command_line_under_torchrun_and_accelerate(cli_setup) -> None:
         assert torch.equal(state[key], tensor), key
 
 
-def test_a_longlora_document_run_under_torchrun(cli_setup, tmp_path) -> None:
+def test_a_longlora_document_run_under_torchrun(tiny_run_files, tmp_path) -> None:
     from lorakit.long.documents import INSTALL, wiki_path_exists
 
     if not wiki_path_exists():
@@ -242,7 +230,7 @@ def test_a_longlora_document_run_under_torchrun(cli_setup, tmp_path) -> None:
         env.pop(name, None)
     out = tmp_path / "wiki"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lorakit",
-               "train", "--model", str(cli_setup / "base"), "--method", "longlora", "--context", "1024", "--steps", "2",
+               "train", "--model", str(tiny_run_files / "base"), "--method", "longlora", "--context", "1024", "--steps", "2",
                "--batch-size", "2", "--long-eval-tokens", "1024", "--passkey-per-depth", "0", "--no-progress-bar",
                "--output-dir", str(out)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)

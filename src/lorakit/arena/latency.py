@@ -12,7 +12,6 @@ the weights in place have nothing to merge). Without one: the base model, the ar
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from lorakit.bench.infer import _prompt
 from lorakit.bench.timing import measure
-from lorakit.train.checkpoint import atomic_write
+from lorakit.core.io import atomic_write_json
 
 WARMUP, REPEATS = 1, 3
 
@@ -70,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    result = measure_run(args.model, args.adapter, args.tokens)
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(Path(args.out), lambda tmp: tmp.write_text(text))
+    atomic_write_json(Path(args.out), measure_run(args.model, args.adapter, args.tokens))
 
 
 if __name__ == "__main__":

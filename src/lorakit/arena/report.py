@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.train.checkpoint import atomic_write
+from lorakit.core.io import atomic_write
 
 from .arms import ARMS
 
@@ -50,11 +50,10 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _curve(log: Path) -> list[tuple[int, float]]:
+def _log_rows(log: Path) -> list[dict[str, Any]]:
     if not log.is_file():
         return []
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
 def run_row(folder: Path) -> dict[str, Any] | None:
@@ -70,6 +69,7 @@ def run_row(folder: Path) -> dict[str, Any] | None:
     if metrics is None:  # the folder was tidied by hand after the run
         return {**row, "status": "failed", "error": f"{folder / 'metrics.json'} is missing"}
     before, after, train = metrics.get("before") or {}, metrics.get("after") or {}, metrics["train"]
+    log = _log_rows(folder / "log.jsonl")
     row.update(
         exact_match=after.get("exact_match"),
         answer_nll=after.get("answer_nll"),
@@ -78,25 +78,22 @@ def run_row(folder: Path) -> dict[str, Any] | None:
         general_qa_change=_change(after.get("general_qa"), before.get("general_qa")),
         trainable_params=train.get("trainable_params"),
         adapter_mb=None if status.get("adapter_bytes") is None else status["adapter_bytes"] / 1e6,
-        step_s=_step_seconds(folder / "log.jsonl", train),
+        step_s=_step_seconds(log, train),
         peak_rss_mb=status.get("peak_rss_mb"),
         unmerged_ms=(latency.get("unmerged") or {}).get("ms_per_token"),
         merged_ms=(latency.get("merged") or {}).get("ms_per_token"),
         merged_note=latency.get("merged_note") or status.get("latency_error"),
         wall_s=status.get("wall_s"),
         final_loss=train.get("final_loss"),
-        curve=_curve(folder / "log.jsonl"),
+        curve=[(r["step"], r["loss"]) for r in log if "loss" in r],
     )
     return row
 
 
-def _step_seconds(log: Path, train: dict[str, Any]) -> float | None:
+def _step_seconds(log: list[dict[str, Any]], train: dict[str, Any]) -> float | None:
     """Training seconds per optimizer step: the log's last elapsed time (not rounded, and carried
     across a resume) over its step."""
-    rows = (
-        [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    )
-    last = next((r for r in reversed(rows) if "elapsed" in r), None)
+    last = next((r for r in reversed(log) if "elapsed" in r), None)
     if last is not None and last["step"]:
         return last["elapsed"] / last["step"]
     return train["train_seconds"] / train["steps"] if train.get("steps") else None
@@ -169,9 +166,9 @@ def _environment_line(header: dict[str, Any]) -> str:
     m = header["machine"]
     bf16 = ", ".join(m["bf16"]) if isinstance(m["bf16"], list) else m["bf16"]
     return (
-        f"commit {header['commit']}, started {header['started']}; {m['cpu']} ({m['cores']} cores, "
+        f"commit {header['commit']}, started {header['started']}; {m['cpu']} ({m['logical_cpus']} cores, "
         f"{m['threads']} torch threads, bf16: {bf16}{', GPU ' + m['gpu'] if m.get('gpu') else ''}); "
-        f"torch {m['torch']}, transformers {m['transformers']}"
+        f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}"
     )
 
 

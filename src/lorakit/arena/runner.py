@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lorakit.train.checkpoint import atomic_write
+from lorakit.core.io import atomic_write_json
 
 from .arms import Arm, resolve_arms
 
@@ -31,9 +30,7 @@ FULL = {"seeds": 3, "steps": 24, "batch_size": 8, "micro_batch_size": 8, "eval_l
         "general_questions": 30, "general_tokens": 2048, "kl_prompts": 8, "latency_tokens": 24}  # fmt: skip
 QUICK = {"seeds": 1, "steps": 8, "batch_size": 8, "micro_batch_size": 8, "eval_limit": 16,
          "general_questions": 12, "general_tokens": 1024, "kl_prompts": 4, "latency_tokens": 16}  # fmt: skip
-# settings that change what a run computes: an arena folder resumes only with the same ones
-SHARED = ("steps", "batch_size", "micro_batch_size", "eval_limit", "general_questions", "general_tokens",
-          "kl_prompts", "latency_tokens", "model", "task", "data", "eval_data", "train_args", "match_params")  # fmt: skip
+# every setting but the seeds changes what a run computes: an arena folder resumes only with the same
 
 
 @dataclass
@@ -112,29 +109,23 @@ def latency_command(cfg: ArenaConfig, adapter: Path | None, out: Path) -> list[s
 
 
 def machine() -> dict[str, Any]:
-    """What every figure was measured on: CPU model and flags that matter, threads, versions."""
+    """What every figure was measured on: `lorakit bench`'s machine record (CPU model, logical CPUs,
+    memory, threads, load, versions, date), with the CPU flags that decide bf16 speed and the GPU."""
     import torch
-    import transformers
 
-    cpu, flags = platform.processor() or platform.machine(), set()
+    from lorakit.bench.report import machine_info
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        flags = next(
+            (set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("flags")), set())  # fmt: skip
     except OSError:
-        pass
+        flags = set()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **machine_info(torch.get_num_threads()),
         "bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}) or "none (bf16 emulated: slow)",
         "avx512": "avx512f" in flags,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
     }
 
 
@@ -155,10 +146,10 @@ def commit() -> str:
 def _begin(cfg: ArenaConfig, root: Path) -> dict[str, Any]:
     """Write (or check, on a resume) OUT/arena.json: the shared settings, commit, machine, date."""
     path = root / "arena.json"
-    now = {k: cfg.settings[k] for k in SHARED}
+    now = {k: v for k, v in cfg.settings.items() if k != "seeds"}
     if path.is_file():
         header = json.loads(path.read_text())
-        changed = [f"{k}={header['settings'].get(k)!r} there, {now[k]!r} here" for k in SHARED
+        changed = [f"{k}={header['settings'].get(k)!r} there, {now[k]!r} here" for k in now
                    if header["settings"].get(k) != now[k]]  # fmt: skip
         if changed:
             raise ValueError(
@@ -170,17 +161,12 @@ def _begin(cfg: ArenaConfig, root: Path) -> dict[str, Any]:
         header = {"settings": now, "started": _stamp()}
     header.update(commit=commit(), machine=machine(), seeds=cfg.settings["seeds"], methods=cfg.methods)
     root.mkdir(parents=True, exist_ok=True)
-    _write_json(path, header)
+    atomic_write_json(path, header)
     return header
 
 
 def _stamp() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    text = json.dumps(value, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _run_child(command: list[str], log: Path) -> tuple[int, float, float]:
@@ -233,7 +219,7 @@ def run_one(cfg: ArenaConfig, arm: Arm, seed: int, root: Path, sized: tuple[str,
         status["latency_wall_s"] = lat_wall
         if lat_code != 0:
             status["latency_error"] = _error(log, lat_code)
-    _write_json(folder / "status.json", status)
+    atomic_write_json(folder / "status.json", status)
     return status
 
 
@@ -251,7 +237,7 @@ def run_arena(cfg: ArenaConfig, say: Any = print) -> dict[str, Any]:
         arms = list({arm.name: arm for arm, _ in runs}.values())
         sizes.update(matched_args(arms, cfg.settings["match_params"], cfg.settings["model"]))
         header["matched"] = sizes
-        _write_json(root / "arena.json", header)
+        atomic_write_json(root / "arena.json", header)
     say(
         f"arena: {len(runs)} runs ({cfg.methods}, {cfg.settings['seeds']} seed(s)) in {root}; commit {header['commit']}"
     )

@@ -3,11 +3,13 @@ and refusing tensors that hold NaN or Inf before anything uses them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +30,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """`value` as indented JSON (with a final newline), written with `atomic_write`."""
+    text = json.dumps(value, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _umask() -> int:

@@ -9,7 +9,6 @@ the ordinary run: options, method table, trainer, checkpoints and resume, the ad
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import api
-from ..core.io import atomic_write
+from ..core.io import atomic_write_json
 from ..data import collate
 from ..models import load_tokenizer
 from ..options import RunConfig, method_config, optimizer_groups
@@ -113,8 +112,7 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
         cfg, train_cfg, before, after, result, model, adapter_dir, seconds, {"rows": len(rows)}
     )
     metrics["window"] = {"original": window, "trained": length, "now": model.config.max_position_embeddings}
-    text = json.dumps(metrics, indent=2) + "\n"
-    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
+    atomic_write_json(out_dir / "metrics.json", metrics)
     say(format_long_table(before, after))
     say(f"adapter: {adapter_dir}  metrics: {out_dir / 'metrics.json'}  loss plot: {result.plot_path}")
     distributed.barrier()
