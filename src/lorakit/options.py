@@ -185,7 +185,9 @@ class RunConfig:
         default="houlsby",
         metadata=_help("bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP)"),
     )
-    virtual_tokens: int = field(default=20, metadata=_help("prompt / prefix tuning: virtual tokens n"))
+    virtual_tokens: int = field(
+        default=20, metadata=_help("prompt / prefix tuning, mopeft's prefix expert: virtual tokens n")
+    )
     prompt_init_text: str | None = field(
         default=None,
         metadata=_help("prompt tuning: initialise the prompt from this text (default: sampled vocabulary)"),
@@ -210,7 +212,7 @@ class RunConfig:
     experts: str = field(
         default="lora,adapter",
         metadata=_help(
-            "mopeft: the methods mixed in every layer, from lora, dora, adapter (comma-separated)"
+            "mopeft: the methods mixed in every layer, from lora, dora, adapter, prefix (comma-separated)"
         ),
     )
     gate: str = field(

@@ -131,6 +131,13 @@ CASES = [
         lambda: lk.MoPEFTConfig(experts="lora,adapter", rank=4, alpha=6, size=5, activation="tanh"),
         mergeable=False,
     ),
+    # the gated prefix expert: an attention branch whose tensors sit on o_proj (methods/gated_prefix.py)
+    Case(
+        "mopeft-lora-prefix-llama",
+        tiny_llama,
+        lambda: lk.MoPEFTConfig(experts="lora,prefix", gate="softmax", rank=4, alpha=6, num_virtual_tokens=3),
+        mergeable=False,
+    ),
     # dense gates: top-k leaves an expert no token may get, so no gradient (tests/methods/test_mopeft.py)
     Case(
         "mopeft-dora-softmax-gpt2",

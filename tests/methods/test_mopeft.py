@@ -29,9 +29,10 @@ def _moved(model: torch.nn.Module, seed: int = 1, std: float = 0.2) -> torch.nn.
 
 
 def _mixture(seed: int = 1, **config: object) -> torch.nn.Module:
-    torch.manual_seed(seed)  # LoRA's A and the adapters' down-projections draw from it
+    torch.manual_seed(seed)  # LoRA's A, the adapters' down-projections and the prefix slots draw from it
     model = tiny_llama().eval()
-    lk.apply(model, lk.MoPEFTConfig(**{"experts": "lora,adapter", "activation": "tanh", **config}))
+    settings = {"experts": "lora,adapter,prefix", "activation": "tanh", "num_virtual_tokens": 4, **config}
+    lk.apply(model, lk.MoPEFTConfig(**settings))
     return _moved(model, seed)
 
 
@@ -39,7 +40,7 @@ def _mixture(seed: int = 1, **config: object) -> torch.nn.Module:
 def test_starts_as_the_base_model(gate: str) -> None:
     model = tiny_llama().eval()
     base = model(IDS).logits
-    lk.apply(model, lk.MoPEFTConfig(experts="lora,dora,adapter".replace("dora,", ""), gate=gate))
+    lk.apply(model, lk.MoPEFTConfig(experts="lora,adapter,prefix", gate=gate))
     torch.testing.assert_close(model(IDS).logits, base, rtol=0, atol=0)
 
 
@@ -67,11 +68,13 @@ def test_forced_gates_reduce_to_each_single_method() -> None:
         torch.testing.assert_close(model(IDS).logits, lora(IDS).logits, rtol=0, atol=1e-6)
     with force_gates(model, {"lora": 0.0, "adapter": 1.0}):
         torch.testing.assert_close(model(IDS).logits, adapter(IDS).logits, rtol=0, atol=1e-6)
-    with force_gates(model, {"lora": 0.0, "adapter": 0.0}):
+    with force_gates(model, {"lora": 0.0, "adapter": 0.0, "prefix": 0.0}):
         torch.testing.assert_close(model(IDS).logits, base, rtol=0, atol=1e-6)
+    with force_gates(model, {"prefix": 1.0}):  # the prefix expert alone moves the model
+        assert (model(IDS).logits - base).abs().max() > 1e-3
     routed = model(IDS).logits  # the gates are back after the block
     assert (routed - base).abs().max() > 1e-3 and (routed - lora(IDS).logits).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="no expert named"), force_gates(model, {"prefix": 1.0}):
+    with pytest.raises(ValueError, match="no expert named"), force_gates(model, {"ia3": 1.0}):
         pass
 
 
@@ -119,6 +122,15 @@ def test_gate_ranges() -> None:
             assert probs.shape[-1] == 3
         if gate == "topk":
             assert ((probs * kept) > 0).sum(-1).eq(2).all() and kept.sum(-1).eq(2).all()
+        prefix = next(d for _, _, d in adapter_deltas(model, "default") if d.prefix is not None)
+        with torch.enable_grad():
+            g = prefix.prefix_gates(prefix.prefix, torch.randn(3, 5, prefix.prefix.router_weight.shape[1]))
+        probs, kept = prefix.prefix.record
+        assert g.shape == (3, 5, 1) and probs.shape[-1] == (1 if gate == "sigmoid" else 2)  # + null
+        if gate == "sigmoid":
+            assert ((g > 0) & (g < 1)).all()
+        else:
+            torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
 
 
 def test_balance_loss_on_hand_made_router_outputs() -> None:
@@ -138,11 +150,12 @@ def test_balance_loss_on_hand_made_router_outputs() -> None:
 
 
 def test_save_load_identical_and_merge_refused(tmp_path) -> None:
-    model = _mixture(gate="topk", top_k=2, experts="dora,adapter")
+    model = _mixture(gate="topk", top_k=2, experts="dora,adapter,prefix")
     expected = model(IDS).logits
     lk.save_adapter(model, tmp_path / "mix")
     config = json.loads((tmp_path / "mix" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "MOPEFT" and config["experts"] == ["dora", "adapter"]
+    assert config["peft_type"] == "MOPEFT" and config["experts"] == ["dora", "adapter", "prefix"]
+    assert config["num_virtual_tokens"] == 4
     loaded = tiny_llama().eval()
     lk.load_adapter(loaded, tmp_path / "mix")
     torch.testing.assert_close(loaded(IDS).logits, expected, rtol=0, atol=0)
@@ -159,9 +172,11 @@ def test_the_balancing_loss_trains_the_routers_through_the_trainer(tmp_path) -> 
     for s in samples:
         s["labels"] = [-100] * 4 + s["input_ids"][4:]
     model = tiny_llama()
-    lk.apply(model, lk.MoPEFTConfig(gate="topk", top_k=1, balance_weight=0.5))
+    lk.apply(model, lk.MoPEFTConfig(experts="lora,adapter,prefix", gate="topk", top_k=1, balance_weight=0.5))
     _moved(model)
-    routers = {p: d.router_weight.detach().clone() for p, _, d in adapter_deltas(model, "default")}
+    deltas = list(adapter_deltas(model, "default"))
+    prefixes = {p: d.prefix.router_weight.detach().clone() for p, _, d in deltas if d.prefix is not None}
+    routers = {p: d.router_weight.detach().clone() for p, _, d in deltas if d.experts}
     config = TrainConfig(
         steps=2, batch_size=4, micro_batch_size=2, lr=1e-2, precision="fp32", checkpoint_every=0,
         progress_bar=False, output_dir=str(tmp_path / "run"),
@@ -170,9 +185,13 @@ def test_the_balancing_loss_trains_the_routers_through_the_trainer(tmp_path) -> 
     record = json.loads(result.log_path.read_text().splitlines()[0])
     assert record["balance"] > 0 and record["loss"] == pytest.approx(record["task_loss"] + record["balance"])
     moved = [
-        p for p, _, d in adapter_deltas(model, "default") if not torch.equal(d.router_weight, routers[p])
+        p
+        for p, _, d in adapter_deltas(model, "default")
+        if p in routers and not torch.equal(d.router_weight, routers[p])
     ]
     assert len(moved) == len(routers)
+    after = {p: d.prefix.router_weight for p, _, d in adapter_deltas(model, "default") if d.prefix}
+    assert len(prefixes) == 2 and not any(torch.equal(after[p], prefixes[p]) for p in prefixes)
 
 
 def test_checkpointing_gives_the_same_gradients(checkpointing_grads) -> None:
@@ -190,13 +209,15 @@ def test_gate_means_per_layer_and_expert() -> None:
     mixed = [p for p, _, d in adapter_deltas(model, "default") if isinstance(d, MixtureDelta)]
     assert set(means) == set(mixed)
     assert set(means["model.layers.0.mlp.down_proj"]) == {"lora", "adapter"}
+    assert set(means["model.layers.0.self_attn.o_proj"]) == {"lora", "adapter", "prefix"}
     assert set(means["model.layers.0.self_attn.q_proj"]) == {"lora"}
     assert all(0 < v < 1 for m in means.values() for v in m.values())
 
 
 def test_bad_configurations_are_refused() -> None:
     for bad, says in (
-        ({"experts": "lora,prefix"}, "prefix cannot be a mixture expert"),
+        ({"experts": "lora,prompt"}, "prompt cannot be a mixture expert"),
+        ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
         ({"experts": "lora,dora"}, "pick one of them"),
         ({"experts": "lora,lora"}, "different methods"),
         ({"experts": "lora,ia3"}, "unknown expert 'ia3'"),
@@ -219,8 +240,8 @@ def test_the_command_line_builds_it_and_refuses_a_bad_expert_in_one_line() -> No
     assert config.experts == ("dora", "adapter") and config.gate == "topk" and config.top_k == 2
     assert config.rank == 16 and config.alpha == 32  # `lorakit train`'s LoRA defaults
     with pytest.raises(SystemExit) as stop:
-        main(["train", "--method", "mopeft", "--experts", "lora,prefix", "--steps", "1"])
-    assert "prefix cannot be a mixture expert" in str(stop.value) and "\n" not in str(stop.value)
+        main(["train", "--method", "mopeft", "--experts", "lora,prompt", "--steps", "1"])
+    assert "prompt cannot be a mixture expert" in str(stop.value) and "\n" not in str(stop.value)
 
 
 def test_targets_outside_the_linear_layers_are_refused_not_dropped() -> None:
@@ -228,3 +249,53 @@ def test_targets_outside_the_linear_layers_are_refused_not_dropped() -> None:
     with pytest.raises(ValueError, match="embed_tokens is not one of them: remove it from --target-modules"):
         lk.apply(model, lk.MoPEFTConfig(experts="lora", target_modules=["q_proj", "embed_tokens"]))
     assert not lk.core.model.registry(model).configs
+
+
+def test_the_prefix_branch_is_the_reference_math() -> None:
+    """o = attention(q, K, V) + beta * g(v_t) * softmax(q P_K^T / sqrt(d)) P_V, per token and head,
+    with grouped key/value heads, through the registered attention function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lorakit.methods import gated_prefix
+
+    model = _mixture(gate="sigmoid")
+    attention = model.model.layers[1].self_attn
+    mixture = attention.o_proj.adapters["default"]
+    prefix = mixture.prefix
+    gen = torch.Generator().manual_seed(3)
+    b, heads, kv_heads, n, d = 2, 4, 2, 6, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for h in (heads, kv_heads, kv_heads))
+    out, _ = gated_prefix.attention_forward(attention, q, k, v, None, scaling=d**-0.5, is_causal=True)
+    base, _ = sdpa_attention_forward(attention, q, k, v, None, scaling=d**-0.5, is_causal=True)
+    expected = base.clone()  # (b, n, heads, d)
+    for bi in range(b):
+        for t in range(n):
+            token = v[bi, :, t].reshape(-1)  # the token's value vector, all key/value heads
+            g = torch.sigmoid(prefix.router_weight[0] @ token + prefix.router_bias[0])
+            for h in range(heads):
+                keys, values = prefix.prefix_key[h // 2], prefix.prefix_value[h // 2]
+                p = torch.softmax(keys @ q[bi, h, t] / d**0.5, dim=0)
+                expected[bi, t, h] += prefix.scale[h] * g * (p @ values)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert (out - base).abs().max() > 1e-3
+
+
+def test_a_prefix_that_did_not_run_is_an_error_not_a_silent_base() -> None:
+    model = _mixture()
+    model.set_attn_implementation("sdpa")  # someone switched attention after applying the mixture
+    with pytest.raises(RuntimeError, match="prefix expert did not run.*use_gated_prefix_attention"):
+        model(IDS)
+    from lorakit.methods.gated_prefix import use_gated_prefix_attention
+
+    use_gated_prefix_attention(model)
+    model(IDS)
+
+
+def test_the_trainer_switches_the_wrapped_attention_to_its_cpu_kernel() -> None:
+    from lorakit.train.attention import INNER
+    from lorakit.train.fast import prepare_for_training
+
+    model = _mixture()
+    assert model.config._attn_implementation == "lorakit_mopeft"
+    prepare_for_training(model, None, compile="off")
+    assert model.config._attn_implementation == "lorakit_mopeft" and getattr(model.config, INNER) == "lorakit"

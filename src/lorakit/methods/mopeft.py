@@ -6,7 +6,10 @@ learned gate.
 
 Every adapted layer holds its experts (LoRA and DoRA where `target_modules` says, bottleneck
 adapters at `placement`: after o_proj and down_proj for "houlsby") and one router R, b over the
-experts it holds, reading the layer's own input x. The gate of a token depends only on that token's
+experts it holds, reading the layer's own input x. The prefix expert (methods/gated_prefix.py) is a
+gated attention branch over trainable key/value slots; its tensors sit on each attention's o_proj
+with a router of their own reading the token's value vector (its gate is needed inside attention,
+before o_proj's input exists). The gate of a token depends only on that token's
 input, so it is causal and a KV cache stays valid: generation costs what the experts cost, once per
 token (PEFT's X-LoRA runs the model twice per token and refuses the cache).
 
@@ -37,27 +40,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.contract import AdaptedLayer, Delta, NotMergeableError, Role, TrainingHooks
-from ..core.model import adapter_deltas
+from ..core.model import adapter_deltas, delete_adapter, inject
 from ..core.target import TargetSpec, find_targets
 from .adapter import AdapterConfig
 from .dora import DoRAConfig
+from .gated_prefix import GatedPrefixDelta, attention_modules, prefix_init, use_gated_prefix_attention
 from .lora import LoRAConfig
 
-EXPERTS = ("lora", "dora", "adapter")
+EXPERTS = ("lora", "dora", "adapter", "prefix")
 GATES = ("sigmoid", "softmax", "topk")
 POOLING = ("token", "sequence_mean")
 NOT_EXPERTS = {
-    "prefix": "prefix tuning acts on attention through the KV cache, not on a layer's output; a gated "
-    "prefix branch is not built yet",
     "prompt": "prompt tuning adds input tokens, which a per-token gate cannot scale",
 }
 
 
 @dataclass
 class MoPEFTConfig:
-    """experts: a subset of "lora", "dora", "adapter" (a list or "lora,adapter"); rank, alpha and
-    target_modules are the LoRA/DoRA experts'; size, placement and activation the bottleneck
-    adapters'."""
+    """experts: a subset of "lora", "dora", "adapter", "prefix" (a list or "lora,adapter"); rank, alpha
+    and target_modules are the LoRA/DoRA experts'; size, placement and activation the bottleneck
+    adapters'; num_virtual_tokens the prefix expert's key/value slots per layer."""
 
     experts: Any = ("lora", "adapter")
     gate: str = "sigmoid"
@@ -71,6 +73,7 @@ class MoPEFTConfig:
     placement: str = "houlsby"
     activation: str = "relu"
     pooling: str = "token"
+    num_virtual_tokens: int = 20
     _paths: dict[str, tuple[Any, set[str]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -98,6 +101,8 @@ class MoPEFTConfig:
             raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight}")
         if self.pooling not in POOLING:
             raise ValueError(f"pooling must be one of {', '.join(POOLING)}, got {self.pooling!r}")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}")
 
     def expert_configs(self) -> dict[str, Any]:
         made = {
@@ -107,15 +112,28 @@ class MoPEFTConfig:
                 size=self.size, placement=self.placement, activation=self.activation
             ),
         }
-        return {name: made[name]() for name in self.experts}
+        return {name: made[name]() for name in self.experts if name != "prefix"}
+
+    def apply_to(self, model: nn.Module, adapter_name: str) -> None:
+        """Inject the mixture; with a prefix expert, route attention through its branch too."""
+        inject(model, self, adapter_name)
+        if "prefix" in self.experts:
+            try:
+                use_gated_prefix_attention(model)
+            except Exception:
+                delete_adapter(model, adapter_name)
+                raise
 
     def select_targets(self, model: nn.Module) -> list[str]:
         """Each expert's own targets (core.inject asks for them); the layers that get a mixture are
-        their union, in model order."""
+        their union, in model order. The prefix expert's are the attention modules' o_proj."""
         self._paths = {
             name: (config, set(find_targets(model, config.target_modules, self.exclude_modules)))
             for name, config in self.expert_configs().items()
         }
+        if "prefix" in self.experts:
+            attentions = attention_modules(model)
+            self._paths["prefix"] = (_PrefixExpert(self, model, attentions), set(attentions))
         union = set().union(*(paths for _, paths in self._paths.values()))
         linear = find_targets(model, "all-linear")
         other = sorted(union - set(linear))
@@ -139,6 +157,7 @@ class MoPEFTConfig:
 
     def to_peft_dict(self) -> dict[str, Any]:
         return {
+            "num_virtual_tokens": self.num_virtual_tokens,
             "peft_type": self.peft_type,
             "task_type": "CAUSAL_LM",
             "experts": list(self.experts),
@@ -153,7 +172,9 @@ class MoPEFTConfig:
             "adapter_placement": self.placement,
             "adapter_activation": self.activation,
             "pooling": self.pooling,
-            "format": "lorakit: per layer <expert>.<the expert's own keys>, router.weight (slots, in), router.bias",
+            "format": "lorakit: per layer <expert>.<the expert's own keys>, router.weight (slots, in), "
+            "router.bias; the prefix expert's on o_proj: prefix.prefix_key/prefix_value (kv heads, n, "
+            "head dim), prefix.scale (heads), prefix.router.weight (slots, kv heads * head dim)",
         }
 
     @classmethod
@@ -172,11 +193,29 @@ class MoPEFTConfig:
             placement=d.get("adapter_placement", "houlsby"),
             activation=d.get("adapter_activation", "relu"),
             pooling=d.get("pooling", "token"),
+            num_virtual_tokens=int(d.get("num_virtual_tokens", 20)),
         )
 
 
+class _PrefixExpert:
+    """Builds the gated prefix expert of each attention's o_proj (slots from the base model's keys and
+    values of random vocabulary tokens)."""
+
+    def __init__(self, config: MoPEFTConfig, model: nn.Module, attentions: dict[str, nn.Module]) -> None:
+        self.attentions, self.inits = attentions, prefix_init(model, config.num_virtual_tokens)
+        self.slots = 1 if config.gate == "sigmoid" else 2  # the prefix (and the null slot)
+
+    def build(self, layer: AdaptedLayer, path: str) -> Delta:
+        attention = self.attentions[path]
+        key, value = self.inits[attention.layer_idx]
+        heads = attention.config.num_attention_heads
+        device = layer.base_layer.weight.device
+        return GatedPrefixDelta(key.to(device), value.to(device), heads, self.slots)
+
+
 class MixtureDelta(Delta):
-    """One layer's experts and their router; see the module docstring."""
+    """One layer's experts and their router; see the module docstring. On an attention's o_proj it
+    may also hold the prefix expert (`prefix`), whose branch the attention function adds."""
 
     mergeable: ClassVar[bool] = False
 
@@ -188,21 +227,30 @@ class MixtureDelta(Delta):
 
     def __init__(self, layer: AdaptedLayer, experts: dict[str, Delta], config: MoPEFTConfig) -> None:
         super().__init__()
-        self.experts = nn.ModuleDict(experts)
+        experts = dict(experts)
+        self.prefix: GatedPrefixDelta | None = experts.pop("prefix", None)
+        self.experts = nn.ModuleDict(experts)  # the experts acting on this layer's output
         self.gate, self.pooling = config.gate, config.pooling
         self.slots = len(experts) + (0 if config.gate == "sigmoid" else 1)  # + the null slot
-        self.top_k = min(config.top_k, self.slots)
+        self.top_k = config.top_k
         device = layer.base_layer.weight.device
-        self.router_weight = nn.Parameter(torch.zeros(self.slots, layer.in_features, device=device))
-        self.router_bias = nn.Parameter(torch.zeros(self.slots, device=device))
+        if experts:
+            self.router_weight = nn.Parameter(torch.zeros(self.slots, layer.in_features, device=device))
+            self.router_bias = nn.Parameter(torch.zeros(self.slots, device=device))
         self.forced: dict[str, float] | None = None  # force_gates(): fixed gates, for analysis
         self.record: tuple[Tensor, Tensor] | None = None  # (probs, kept) of the last training forward
+        self.seen: Tensor | None = None  # the last gates, while gate_means records them
         # PiSSA-style base edits do not occur here, but follow the experts if one ever needs fp32
         self.keeps_base_precision = any(getattr(e, "keeps_base_precision", False) for e in experts.values())
 
-    def gates(self, x: Tensor) -> Tensor:
-        """(..., in) -> (..., experts): each token's gate per expert."""
-        logits = F.linear(x.to(self.router_weight.dtype), self.router_weight, self.router_bias).float()
+    @property
+    def names(self) -> list[str]:
+        """Every expert of this layer, the prefix included."""
+        return [*self.experts, *(["prefix"] if self.prefix is not None else [])]
+
+    def _route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Router logits (..., slots) -> (gates, probabilities, kept slots)."""
+        logits = logits.float()
         if self.gate == "sigmoid":
             probs = torch.sigmoid(logits)
             kept = torch.ones_like(probs)
@@ -210,15 +258,50 @@ class MixtureDelta(Delta):
             probs = torch.softmax(logits, dim=-1)
             kept = torch.ones_like(probs)
             if self.gate == "topk":
-                kept = torch.zeros_like(probs).scatter_(-1, probs.topk(self.top_k, dim=-1).indices, 1.0)
+                k = min(self.top_k, probs.shape[-1])
+                kept = torch.zeros_like(probs).scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)
         gates = probs * kept
         if self.pooling == "sequence_mean" and gates.dim() == 3:  # UniPELT: not causal (see docstring)
             gates = gates.mean(dim=1, keepdim=True).expand_as(gates)
+        return gates, probs, kept
+
+    def gates(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., experts): each token's gate per expert acting on this layer's output."""
+        logits = F.linear(x.to(self.router_weight.dtype), self.router_weight, self.router_bias)
+        gates, probs, kept = self._route(logits)
         if self.training and torch.is_grad_enabled():
             self.record = (probs, kept)
-        return gates[..., : len(self.experts)]
+        gates = gates[..., : len(self.experts)]
+        if self.seen is not None:
+            self.seen = gates
+        return gates
+
+    def prefix_gates(self, prefix: GatedPrefixDelta, tokens: Tensor) -> Tensor:
+        """(B, N, kv heads * head dim) value vectors -> (B, N, 1) gates of the prefix expert."""
+        if self.forced is not None:
+            return tokens.new_full((*tokens.shape[:-1], 1), self.forced.get("prefix", 0.0))
+        logits = F.linear(tokens.to(prefix.router_weight.dtype), prefix.router_weight, prefix.router_bias)
+        gates, probs, kept = self._route(logits)
+        if self.training and torch.is_grad_enabled():
+            prefix.record = (probs, kept)
+        return gates[..., :1]
+
+    def _check_prefix_ran(self) -> None:
+        prefix = self.prefix
+        if prefix is None or torch.compiler.is_compiling():
+            return
+        if not prefix.ran:
+            raise RuntimeError(
+                "this mixture's prefix expert did not run: the model's attention implementation was "
+                "changed after the mixture was applied; call "
+                "lorakit.methods.gated_prefix.use_gated_prefix_attention(model) again"
+            )
+        prefix.ran = False
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
+        self._check_prefix_ran()
+        if not self.experts:
+            return torch.zeros_like(base_out)
         if self.forced is not None:
             gates = torch.tensor([self.forced.get(n, 0.0) for n in self.experts], device=x.device)
             gates = gates.expand(*x.shape[:-1], -1)
@@ -229,6 +312,12 @@ class MixtureDelta(Delta):
             part = expert(x, base_out, layer) * gates[..., e : e + 1].to(base_out.dtype)
             out = part if out is None else out + part
         return out
+
+    def add_to(self, out: Tensor, x: Tensor, base_out: Tensor, layer: AdaptedLayer) -> Tensor:
+        if not self.experts:  # the prefix expert alone: its branch was added inside attention
+            self._check_prefix_ran()
+            return out
+        return out + self(x, base_out, layer)
 
     def prepare_compiled(self, layer: AdaptedLayer) -> None:
         for expert in self.experts.values():
@@ -245,23 +334,33 @@ class MixtureDelta(Delta):
         )
 
     def export_state(self) -> dict[str, Tensor]:
-        state = {"router.weight": self.router_weight.detach(), "router.bias": self.router_bias.detach()}
-        for name, expert in self.experts.items():
+        state = {}
+        if self.experts:
+            state = {"router.weight": self.router_weight.detach(), "router.bias": self.router_bias.detach()}
+        for name, expert in self._all_experts():
             state.update({f"{name}.{k}": v for k, v in expert.export_state().items()})
         return state
 
     def import_state(self, state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            self.router_weight.copy_(state["router.weight"])
-            self.router_bias.copy_(state["router.bias"])
-        for name, expert in self.experts.items():
+        if self.experts:
+            with torch.no_grad():
+                self.router_weight.copy_(state["router.weight"])
+                self.router_bias.copy_(state["router.bias"])
+        for name, expert in self._all_experts():
             expert.import_state(
                 {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
             )
 
+    def _all_experts(self) -> list[tuple[str, Delta]]:
+        return [*self.experts.items(), *([("prefix", self.prefix)] if self.prefix is not None else [])]
+
     def role_parameters(self) -> dict[Role, list[nn.Parameter]]:
-        groups: dict[Role, list[nn.Parameter]] = {Role.GATE: [self.router_weight, self.router_bias]}
-        for expert in self.experts.values():
+        groups: dict[Role, list[nn.Parameter]] = {}
+        if self.experts:
+            groups[Role.GATE] = [self.router_weight, self.router_bias]
+        if self.prefix is not None:
+            groups.setdefault(Role.GATE, []).extend([self.prefix.router_weight, self.prefix.router_bias])
+        for _, expert in self._all_experts():
             for role, params in expert.role_parameters().items():
                 groups.setdefault(role, []).extend(params)
         return groups
@@ -285,9 +384,12 @@ class _Balance(TrainingHooks):
     def micro_batch_losses(self, model: nn.Module) -> dict[str, Tensor]:
         terms = []
         for _, _, delta in adapter_deltas(model, self.name):
-            if isinstance(delta, MixtureDelta) and delta.record is not None:
-                terms.append(balance_loss(*delta.record, delta.gate))
-                delta.record = None
+            if not isinstance(delta, MixtureDelta):
+                continue
+            for owner in (delta, delta.prefix):
+                if owner is not None and getattr(owner, "record", None) is not None:
+                    terms.append(balance_loss(*owner.record, delta.gate))
+                    owner.record = None
         return {"balance": self.weight * torch.stack(terms).mean()} if terms else {}
 
 
@@ -298,9 +400,10 @@ def force_gates(model: nn.Module, gates: dict[str, float], adapter_name: str = "
     deltas = [d for _, _, d in adapter_deltas(model, adapter_name) if isinstance(d, MixtureDelta)]
     if not deltas:
         raise KeyError(f"no mixture adapter named {adapter_name!r} on this model")
-    unknown = set(gates) - set(deltas[0].experts) - {n for d in deltas for n in d.experts}
+    known = {n for d in deltas for n in d.names}
+    unknown = set(gates) - known
     if unknown:
-        raise ValueError(f"no expert named {sorted(unknown)}; this mixture has {list(deltas[0].experts)}")
+        raise ValueError(f"no expert named {sorted(unknown)}; this mixture has {sorted(known)}")
     for delta in deltas:
         delta.forced = dict(gates)
     try:
@@ -314,26 +417,34 @@ def force_gates(model: nn.Module, gates: dict[str, float], adapter_name: str = "
 def gate_means(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, adapter_name: str = "default"
 ) -> dict[str, dict[str, float]]:
-    """Mean gate per adapted layer and expert over the real tokens of a batch (the routing heatmap)."""
+    """Mean gate per adapted layer and expert over the real tokens of a batch (the routing heatmap):
+    the gates the forward itself computed, recorded as it goes."""
     deltas = {p: d for p, _, d in adapter_deltas(model, adapter_name) if isinstance(d, MixtureDelta)}
-    seen: dict[str, Tensor] = {}
-    handles = []
-    for path, delta in deltas.items():
-
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any, path: str = path) -> None:
-            seen[path] = deltas[path].gates(args[0])
-
-        handles.append(delta.register_forward_hook(record, with_kwargs=True))
+    owners = [o for d in deltas.values() for o in (d if d.experts else None, d.prefix) if o is not None]
+    for owner in owners:
+        owner.seen = WATCH
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    weight = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).float()[..., None]
-    return {
-        path: {
-            name: float((seen[path][..., e : e + 1] * weight).sum() / weight.sum())
-            for e, name in enumerate(deltas[path].experts)
+        weight = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).float()[
+            ..., None
+        ]
+
+        def mean(gates: Tensor, e: int) -> float:
+            if gates is WATCH:
+                raise RuntimeError("a mixture layer did not run in this forward")
+            gates = gates[..., None] if gates.dim() == 2 else gates  # the prefix's (B, N)
+            return float((gates[..., e : e + 1].float() * weight).sum() / weight.sum())
+
+        return {
+            path: {
+                **{name: mean(d.seen, e) for e, name in enumerate(d.experts)},
+                **({"prefix": mean(d.prefix.seen, 0)} if d.prefix is not None else {}),
+            }
+            for path, d in deltas.items()
         }
-        for path in seen
-    }
+    finally:
+        for owner in owners:
+            owner.seen = None
+
+
+WATCH = torch.empty(0)  # `seen` while gate_means records: the next forward's gates replace it

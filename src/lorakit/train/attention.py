@@ -36,6 +36,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 NAME = "lorakit"
+# An attention function that wraps another (methods/gated_prefix.py adds a branch to the model's own
+# attention) keeps the wrapped implementation's name under this config attribute.
+INNER = "lorakit_inner_attention"
 # From this many queries on, training calls go to SDPA: at 1,024 tokens the default model's whole
 # training step took 3.35 s with this kernel against 2.43 s with SDPA, at 4,096 70 s against 13.7 s
 # (docs/methods/longlora.md); the kernel's gain is at the few hundred tokens of ordinary SFT.

@@ -63,10 +63,15 @@ def prepare_for_training(
         raise ValueError(f"compile={compile!r}: choose one of {', '.join(COMPILES)}")
     done: list[str] = []
     device = next(model.parameters()).device
-    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    config = getattr(model, "config", None)
+    wraps = hasattr(config, attention.INNER)  # a wrapping attention function: switch what it wraps
+    current = getattr(config, attention.INNER if wraps else "_attn_implementation", None)
     if device.type == "cpu" and hasattr(model, "set_attn_implementation") and current in ("sdpa", None):
         try:
-            model.set_attn_implementation(attention.register())
+            if wraps:
+                setattr(config, attention.INNER, attention.register())
+            else:
+                model.set_attn_implementation(attention.register())
             done.append("attention: lorakit grouped-matmul kernel")
         except (ValueError, ImportError) as err:  # a model that refuses custom attention keeps its own
             done.append(f"attention: kept the model's ({err})")
