@@ -191,8 +191,42 @@ def _chinese_chat_task(n_train_per_class: int, n_eval_per_class: int, seed: int)
     return _pairs_task("chatterbot-zh", chatterbot_pairs("chinese"), 10**9, 60, seed)
 
 
+CAPITAL_QUESTION = "What is the capital of {country}? Answer with the city name only."
+_ANALOGY_SECTIONS = ("capital-common-countries", "capital-world")
+
+
+def world_capitals() -> list[tuple[str, str]]:
+    """(country, capital) pairs from the capital sections of the Google analogy set that gensim ships
+    (questions-words.txt: "Athens Greece Baghdad Iraq" gives Greece -> Athens, Iraq -> Baghdad)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the world-capitals task reads gensim's test data, which is not installed; run: "
+            "pip install --no-deps gensim==4.4.0 (make install does)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "questions-words.txt"
+    pairs: dict[str, str] = {}
+    section = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+        elif section in _ANALOGY_SECTIONS:
+            capital_a, country_a, capital_b, country_b = line.split()
+            pairs.setdefault(country_a, capital_a)
+            pairs.setdefault(country_b, capital_b)
+    return sorted(pairs.items())
+
+
+def _capitals_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
+    """World capitals (116 countries): recall a fact in a fixed format, scored by exact match; the
+    held-out countries' capitals come from what the base model knows, the format from training."""
+    pairs = [(CAPITAL_QUESTION.format(country=c.replace("_", " ")), city) for c, city in world_capitals()]
+    return _pairs_task("world-capitals", pairs, 10**9, 36, seed)
+
+
 TASKS: dict[str, Callable[[int, int, int], Task]] = {
     "icd10-chapter": _icd10_chapter_task,
+    "world-capitals": _capitals_task,
     "chatterbot-trivia": _trivia_task,
     "chatterbot-zh": _chinese_chat_task,
 }
