@@ -53,6 +53,10 @@ class ALoRAConfig(LoRAConfig):
     fsdp_problem: ClassVar[str | None] = (
         "its per-forward invocation context is not checked under FSDP2 here; train it with DDP (leave out --fsdp)"
     )
+    packing_problem: ClassVar[str | None] = (
+        "it activates after the last invocation in a row, which in a packed row may be another "
+        "sample's; train it without --packing"
+    )
     # `lorakit chat` keeps the history as the base model's KV cache and invokes the adapter on it
     invoked_on_base_cache: ClassVar[bool] = True
 

@@ -59,6 +59,10 @@ class LongLoRAConfig(LoRAConfig):
         "it trains the embedding and the norms whole beside the LoRA (modules_to_save), which are not "
         "sharded here; train it with DDP (leave out --fsdp)"
     )
+    packing_problem: ClassVar[str | None] = (
+        "S2-Attn groups a row's tokens by position, across the samples of a packed row; it trains "
+        "long documents one per row anyway"
+    )
     # the paper's LoRA settings, and activation checkpointing (it trains with it: from 4k tokens on
     # the activations are most of the memory)
     # `lorakit train --method longlora`: long Wikipedia articles packed into rows of --context tokens

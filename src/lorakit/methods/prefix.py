@@ -98,6 +98,9 @@ class PrefixTuningConfig:
     seed: int = 0
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    packing_problem: ClassVar[str | None] = (
+        "its keys and values go before each row, so only a packed row's first sample would follow them"
+    )
     default_lr: ClassVar[float] = 1e-2
 
     def __post_init__(self) -> None:

@@ -76,6 +76,9 @@ class PromptTuningConfig:
     seed: int = 0
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    packing_problem: ClassVar[str | None] = (
+        "its virtual tokens go before each row, so only a packed row's first sample would follow them"
+    )
     default_lr: ClassVar[float] = 3e-2  # prompts need a far larger lr than LoRA (Lester: 0.3, Adafactor)
 
     def __post_init__(self) -> None:

@@ -41,6 +41,51 @@ def default_collate(samples: Sequence[Any], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: rows of sample indices, each row's lengths summing to at most
+    `capacity` (raised to the longest sample, which is never split); deterministic."""
+    capacity = max(capacity, max(lengths))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+        else:
+            rows[row].append(i)
+            free[row] -= lengths[i]
+    return rows
+
+
+def packed_collate(samples: Sequence[Any], pad_id: int, capacity: int) -> dict[str, Tensor]:
+    """Several samples per row, back to back (`pack`), with `position_ids` restarting at 0 for each:
+    given position ids, no attention mask and no cache (`use_cache=False`: with a cache transformers
+    does not look for segments), its mask builders make each sample attend to itself only (a new
+    segment wherever the position does not go up by one). The label at each
+    sample's first token is ignored, as its prediction would come from the previous sample's last
+    position. `attention_mask` marks the real tokens (for counting; the trainer does not pass it to
+    the model); the padding at a row's end is a segment of its own, with no labels."""
+    lengths = [len(field_of(s, "input_ids")) for s in samples]
+    rows = pack(lengths, capacity)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            ids[r, at : at + n] = torch.tensor(field_of(samples[i], "input_ids"), dtype=torch.long)
+            labels[r, at + 1 : at + n] = torch.tensor(field_of(samples[i], "labels")[1:], dtype=torch.long)
+            mask[r, at : at + n] = 1
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
 def loss_token_count(labels: Tensor) -> int:
     """Tokens that contribute to the loss: a label at position 0 has no prediction, so skip it."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -109,6 +154,7 @@ def micro_batches(
     pad_id: int,
     replay: tuple[Sequence[Any], list[int]] | None = None,
     shard: tuple[int, int] = (0, 1),
+    packing: int = 0,
 ) -> list[dict[str, Tensor]]:
     """Split one optimizer batch; sorting by length first keeps padding inside each micro-batch low.
 
@@ -120,6 +166,9 @@ def micro_batches(
     `replay` = (samples, indices) drawn from replay data: sorted in with the rest (a micro-batch may
     hold both, so replay adds no forward of its own), each batch then carries `replay_rows` (B,)
     bool, by which the loss is reported per source.
+
+    `packing` > 0: each micro-batch's samples go into rows of up to that many tokens
+    (`packed_collate`), replay samples and task samples in rows of their own.
     """
     pool = [(samples, i, False) for i in indices]
     if replay is not None:
@@ -128,12 +177,48 @@ def micro_batches(
     batches = []
     for start in range(0, len(pool), micro_batch_size):
         part = pool[start : start + micro_batch_size]
+        if packing:
+            batches.append(_packed_by_source(part, pad_id, packing, replay is not None))
+            continue
         batch = collate([source[i] for source, i, _ in part], pad_id)
         if replay is not None:
             batch["replay_rows"] = torch.tensor([is_replay for *_, is_replay in part])
         batches.append(batch)
     rank, size = shard
     return batches[rank::size]
+
+
+def _packed_by_source(
+    part: list[tuple[Sequence[Any], int, bool]], pad_id: int, capacity: int, flag: bool
+) -> dict[str, Tensor]:
+    """One packed micro-batch whose rows each hold one source's samples (task or replay)."""
+    pieces = []
+    for replayed in (False, True):
+        group = [source[i] for source, i, is_replay in part if is_replay == replayed]
+        if group:
+            batch = packed_collate(group, pad_id, capacity)
+            batch["replay_rows"] = torch.full((batch["input_ids"].shape[0],), replayed)
+            pieces.append(batch)
+    width = max(b["input_ids"].shape[1] for b in pieces)
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    out = {}
+    for key in ("input_ids", "labels", "attention_mask", "position_ids"):
+        rows = []
+        for b in pieces:
+            t = b[key]
+            extra = width - t.shape[1]
+            if extra:
+                tail = (
+                    torch.arange(extra).add(t[:, -1:] + 1)
+                    if key == "position_ids"
+                    else t.new_full((t.shape[0], extra), fill[key])
+                )
+                t = torch.cat([t, tail], dim=1)
+            rows.append(t)
+        out[key] = torch.cat(rows)
+    if flag:
+        out["replay_rows"] = torch.cat([b["replay_rows"] for b in pieces])
+    return out
 
 
 def fingerprint(samples: Sequence[Any]) -> str:

@@ -128,6 +128,14 @@ class TrainConfig:
             "every position of replay samples); the base is the model with its adapters switched off"
         ),
     )
+    packing: int = field(
+        default=0,
+        metadata=_help(
+            "pack each micro-batch's samples into rows of up to N tokens (at least its longest sample), "
+            "attention kept within each sample and positions restarting, instead of padding every "
+            "sample to the longest; 0 = off"
+        ),
+    )
     report_to: str = field(
         default="none",
         metadata=_help(
@@ -181,6 +189,10 @@ class TrainConfig:
             p.append("report_to='tensorboard' needs the tensorboard package: pip install tensorboard")
         if not (self.kl_to_base >= 0 and math.isfinite(self.kl_to_base)):
             p.append(f"kl_to_base={self.kl_to_base}; expected a weight >= 0")
+        if self.packing < 0:
+            p.append(f"packing={self.packing}; expected a row length in tokens, or 0 for off")
+        elif self.packing and self.kl_to_base:
+            p.append("packing with kl_to_base: the KL term's base pass reads padded rows; use one of them")
         if self.optimizer not in ("adamw", "paged_adamw"):
             p.append(f"optimizer={self.optimizer!r}; expected adamw or paged_adamw")
         return p

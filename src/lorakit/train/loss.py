@@ -51,6 +51,7 @@ def chunked_causal_lm_loss(
     keep_rows: Tensor | None = None,
     row_groups: Tensor | None = None,
     group_sums: dict[Any, tuple[float, int]] | None = None,
+    position_ids: Tensor | None = None,
 ) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor]:
     """Return (sum of next-token CE over the non-ignored labels, number of those labels).
 
@@ -66,6 +67,9 @@ def chunked_causal_lm_loss(
 
     `row_groups` (B,): a group per row (replay or task); `group_sums` then receives each group's
     (CE sum, label count), the total being their sum.
+
+    `position_ids` (B, T): packed rows (train/batching.py `packed_collate`); pass `attention_mask`
+    None with them, so that transformers builds the per-sample mask from where positions restart.
     """
     cap = softcap_of(model)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
@@ -78,13 +82,14 @@ def chunked_causal_lm_loss(
         # the decoder alone: the head's own call (even on one position) would cast its whole
         # (vocab x hidden) weight under autocast and keep the copy until the loss returns
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         head = output_head(model)
     else:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             output_hidden_states=True,
             logits_to_keep=1,
             use_cache=False,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lorakit.core.model import adapter_settings, disable_adapters, training_hooks
+from lorakit.core.model import adapter_settings, disable_adapters, registry, training_hooks
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, fsdp
 from lorakit.train.batching import (
@@ -141,6 +141,8 @@ class Trainer:
         self.fsdp = config.fsdp and self.world.enabled  # one process: nothing to shard
         if self.fsdp and (reason := fsdp.problem(model, config)):
             raise ValueError(f"--fsdp: {reason}")  # on every rank, before any collective
+        if config.packing and (reason := _packing_problem(model, collate)):
+            raise ValueError(f"--packing: {reason}")
         _check_master_dtype(self.trainable)
         self.optimizer = build_optimizer(groups, config, self.device)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -199,6 +201,7 @@ class Trainer:
             self.pad_id,
             (self.replay.samples, self.replay_order.take(replayed)) if self.replay else None,
             shard=(self.world.rank, self.world.size),  # every rank draws the global batch, keeps its share
+            packing=self.config.packing,
         )
         # the step's loss tokens over every rank: the loss is the mean over the global batch
         loss_tokens = int(distributed.all_sum([sum(loss_token_count(b["labels"]) for b in batches)])[0])
@@ -259,9 +262,11 @@ class Trainer:
             groups: dict[Any, tuple[float, int]] = {}
             last = i == len(batches) - 1
             with self._autocast(), distributed.no_sync(self.loss_model, skip=not last):
+                packed = batch.get("position_ids")  # packed rows: the mask comes from the positions
                 out = self.loss_model(
                     input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
+                    attention_mask=batch["attention_mask"] if packed is None else None,
+                    position_ids=packed,
                     labels=batch["labels"],
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
@@ -697,3 +702,14 @@ def _kl_rows(batch: dict[str, Tensor]) -> Tensor:
 def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters a checkpoint saves: `named_parameters()` with requires_grad."""
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _packing_problem(model: nn.Module, collate: Collate) -> str | None:
+    """Why packed rows would not train what padded rows train here, or None."""
+    if collate is not default_collate:
+        return "a custom collate function; packing builds its own rows from input_ids and labels"
+    for name, config in registry(model).configs.items():
+        reason = getattr(type(config), "packing_problem", None)
+        if reason:
+            return f"adapter {name!r} ({type(config).__name__}): {reason}"
+    return None
