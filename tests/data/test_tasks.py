@@ -99,14 +99,27 @@ def test_examples_are_short_for_the_default_tokenizer(smol_tokenizer: Any) -> No
     assert 50 < sum(lengths) / len(lengths) < 100
 
 
-@pytest.mark.parametrize(("name", "held"), [("chatterbot-trivia", 40), ("chatterbot-zh", 60)])
-def test_chatterbot_tasks_hold_out_a_fixed_disjoint_split(name: str, held: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "held"), [("chatterbot-trivia", 40), ("chatterbot-zh", 60), ("world-capitals", 36)]
+)
+def test_pair_tasks_hold_out_a_fixed_disjoint_split(name: str, held: int) -> None:
     a, b = load_task(name, seed=0), load_task(name, seed=1)
     assert len(a.eval) == held and [i.reference for i in a.eval] == [i.reference for i in b.eval]
     asked = {i.messages[0]["content"] for i in a.eval}
     assert asked.isdisjoint(c[0]["content"] for c in a.train)
     assert all(c[1]["role"] == "assistant" and c[1]["content"] for c in a.train)
     assert [c[0]["content"] for c in a.train] != [c[0]["content"] for c in b.train]  # seed shuffles
+
+
+def test_world_capitals_come_from_the_analogy_set() -> None:
+    from lorakit.data.tasks import world_capitals
+
+    pairs = dict(world_capitals())
+    assert len(pairs) == 116 and pairs["Greece"] == "Athens" and pairs["Japan"] == "Tokyo"
+    task = load_task("world-capitals")
+    assert len(task.train) == 80 and all(c[0]["content"].startswith("What is the capital of") for c in task.train)
+    asked = {i.messages[0]["content"]: i.reference for i in task.eval}
+    assert all(pairs[q.removeprefix("What is the capital of ").split("?")[0]] == a for q, a in asked.items())
 
 
 def test_tasks_mix_with_plus() -> None:

@@ -220,7 +220,7 @@ def world_capitals() -> list[tuple[str, str]]:
 def _capitals_task(n_train_per_class: int, n_eval_per_class: int, seed: int) -> Task:
     """World capitals (116 countries): recall a fact in a fixed format, scored by exact match; the
     held-out countries' capitals come from what the base model knows, the format from training."""
-    pairs = [(CAPITAL_QUESTION.format(country=c.replace("_", " ")), city) for c, city in world_capitals()]
+    pairs = [(CAPITAL_QUESTION.format(country=country), city) for country, city in world_capitals()]
     return _pairs_task("world-capitals", pairs, 10**9, 36, seed)
 
 
