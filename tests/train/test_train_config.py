@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from lorakit.train import TrainConfig
 
@@ -53,3 +54,38 @@ def test_from_dict_round_trips() -> None:
 def test_invalid_values_are_refused_with_the_reason(values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(values)
+
+
+def test_the_precision_follows_the_cpu_kind(monkeypatch) -> None:
+    """Faked CPUs: bf16 autocast only where bf16 is native, and the first line says why."""
+    from lorakit.train import optim
+
+    avx2 = "flags : fpu sse sse2 avx avx2 fma"
+    sapphire = avx2 + " avx512f avx512_bf16 amx_bf16 amx_tile"
+    cooper = avx2 + " avx512f avx512_bf16"
+    assert optim.cpu_bf16_flags(avx2, "AVX2") == []
+    assert optim.cpu_bf16_flags(sapphire, "AVX512") == ["amx_bf16", "avx512_bf16"]
+    assert optim.cpu_bf16_flags(cooper, "AVX512") == ["avx512_bf16"]
+    assert optim.cpu_bf16_flags("", "AMX") == ["amx_bf16"]  # no /proc/cpuinfo: torch's capability
+    cpu = torch.device("cpu")
+    for text, capability, dtype, says in (
+        (avx2, "AVX2", None, "fp32 (this CPU has no AVX512-BF16 or AMX"),
+        (cooper, "AVX512", torch.bfloat16, "bf16 autocast (this CPU has avx512_bf16"),
+        (sapphire, "AMX", torch.bfloat16, "amx_bf16, avx512_bf16: native bf16"),
+    ):
+        monkeypatch.setattr(optim, "_cpuinfo", lambda text=text: text)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        chosen, line = optim.precision_choice("auto", cpu)
+        assert chosen == dtype and says in line and optim.has_fast_bf16(cpu) == (dtype is not None)
+        assert optim.precision_choice("fp32", cpu) == (None, "precision: fp32 (asked for)")
+        assert optim.precision_choice("bf16", cpu)[0] == torch.bfloat16
+
+
+def test_the_trainer_says_its_precision_first(tiny, make_config) -> None:
+    from lorakit.train import Trainer
+
+    lines: list[str] = []
+    model = tiny.llama()
+    tiny.freeze_all_but(model, "q_proj")
+    Trainer(model, tiny.samples(4), make_config(steps=1), log=lines.append).train()
+    assert lines[0] == "precision: fp32 (asked for)"

@@ -75,23 +75,46 @@ def build_scheduler(
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 for "bf16", None (plain fp32) for "fp32", and for "auto" bf16 only where it is fast."""
+    return precision_choice(precision, device)[0]
+
+
+def precision_choice(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None = fp32) and one line saying why, for the run's first lines."""
     if precision == "fp32":
-        return None
-    if precision == "bf16" or has_fast_bf16(device):
-        return torch.bfloat16
-    return None
+        return None, "precision: fp32 (asked for)"
+    if precision == "bf16":
+        return torch.bfloat16, "precision: bf16 autocast (asked for)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "precision: bf16 autocast (this GPU computes bf16 natively)"
+        return None, "precision: fp32 (this GPU has no native bf16)"
+    if device.type != "cpu":
+        return None, f"precision: fp32 (bf16 speed on {device.type} is not known to lorakit)"
+    flags = cpu_bf16_flags(_cpuinfo(), torch.backends.cpu.get_cpu_capability())
+    if flags:
+        return (
+            torch.bfloat16,
+            f"precision: bf16 autocast (this CPU has {', '.join(flags)}: native bf16 matmuls)",
+        )
+    return None, (
+        "precision: fp32 (this CPU has no AVX512-BF16 or AMX: bf16 would be emulated, slower than fp32; "
+        "--precision bf16 forces it)"
+    )
 
 
 def has_fast_bf16(device: torch.device) -> bool:
     """bf16 matmuls are faster than fp32 only with native support (CUDA Ampere+, AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    if "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return False
-    flags = set(cpuinfo.read_text(errors="replace").split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return precision_choice("auto", device)[0] is not None
+
+
+def cpu_bf16_flags(cpuinfo: str, capability: str) -> list[str]:
+    """The native-bf16 features among a CPU's /proc/cpuinfo flags and torch's dispatch capability."""
+    found = sorted(set(cpuinfo.split()) & {"avx512_bf16", "amx_bf16"})
+    if "AMX" in capability and "amx_bf16" not in found:
+        found.append("amx_bf16")
+    return found
+
+
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -52,10 +52,10 @@ from lorakit.train.loss import (
 )
 from lorakit.train.metrics import JsonlLog, TensorBoardLog, plot_loss, read_log
 from lorakit.train.optim import (
-    autocast_dtype,
     build_optimizer,
     build_scheduler,
     default_param_groups,
+    precision_choice,
 )
 
 _logger = logging.getLogger("lorakit.train")
@@ -133,7 +133,7 @@ class Trainer:
         say = log or _logger.info
         self._say = say if self.world.main else (lambda _: None)
         self.device = next(model.parameters()).device
-        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.amp_dtype, self._precision_line = precision_choice(config.precision, self.device)
         self.trainable = dict(iter_trainable(model))
         groups = param_groups or default_param_groups(model, config.weight_decay)
         self.group_names = _group_names(groups, self.trainable)
@@ -424,6 +424,7 @@ class Trainer:
 
     def _prepare_model(self) -> None:
         self.model.train()
+        self._say(self._precision_line)
         if self.config.fast_kernels:
             for line in prepare_for_training(
                 self.model,
