@@ -117,7 +117,9 @@ def test_world_capitals_come_from_the_analogy_set() -> None:
     pairs = dict(world_capitals())
     assert len(pairs) == 116 and pairs["Greece"] == "Athens" and pairs["Japan"] == "Tokyo"
     task = load_task("world-capitals")
-    assert len(task.train) == 80 and all(c[0]["content"].startswith("What is the capital of") for c in task.train)
+    assert len(task.train) == 80 and all(
+        c[0]["content"].startswith("What is the capital of") for c in task.train
+    )
     asked = {i.messages[0]["content"]: i.reference for i in task.eval}
     assert all(pairs[q.removeprefix("What is the capital of ").split("?")[0]] == a for q, a in asked.items())
 

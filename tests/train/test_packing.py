@@ -122,7 +122,124 @@ def test_packing_is_refused_where_it_would_train_something_else(tiny, make_confi
     lk.apply(model, lk.ALoRAConfig(rank=4, alpha=8, invocation_tokens=[7]))
     with pytest.raises(ValueError, match="--packing: adapter 'default' \\(ALoRAConfig\\): it activates"):
         Trainer(model, tiny.samples(4), make_config(packing=64))
-    with pytest.raises(ValueError, match="packing with kl_to_base"):
+    with pytest.raises(ValueError, match="packing or share_prefix with kl_to_base"):
         make_config(packing=64, kl_to_base=0.1)
     with pytest.raises(ValueError, match="packing=-1"):
         make_config(packing=-1)
+
+
+def _with_prefix(tiny, n: int, prefix: int = 12, seed: int = 0) -> list[dict]:
+    """Samples that start with the same `prefix` tokens (a system prompt and an instruction), then a
+    question and an answer of their own; labels on the answers only."""
+    import random
+
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, tiny.VOCAB) for _ in range(prefix)]
+    out = []
+    for _ in range(n):
+        question = [rng.randrange(3, tiny.VOCAB) for _ in range(rng.randint(2, 9))]
+        answer = [rng.randrange(3, tiny.VOCAB) for _ in range(rng.randint(1, 6))]
+        ids = shared + question + answer
+        out.append({"input_ids": ids, "labels": [-100] * (len(ids) - len(answer)) + answer})
+    return out
+
+
+def test_the_shared_prefix_stops_before_any_labelled_prediction(tiny) -> None:
+    from lorakit.train.batching import shared_prefix_length
+
+    samples = _with_prefix(tiny, 4, prefix=12)
+    assert shared_prefix_length(samples) >= 12
+    early = [dict(s) for s in samples]
+    early[2] = {"input_ids": early[2]["input_ids"], "labels": [-100] * 6 + early[2]["input_ids"][6:]}
+    assert shared_prefix_length(early) == 5  # the label at 6 is predicted from position 5
+    one = samples[0]
+    first_label = next(j for j, x in enumerate(one["labels"]) if x != -100)
+    assert shared_prefix_length([one, one]) == first_label - 1  # identical samples: up to the answer
+
+
+def test_the_shared_prefix_layout(tiny) -> None:
+    """Each sample reads back whole from prefix + its rest, at its own positions 0..n-1, seeing the
+    prefix and its own earlier tokens only; padding sees itself."""
+    from lorakit.train.batching import shared_prefix_collate, shared_prefix_length
+
+    samples = _with_prefix(tiny, 5)
+    shared = shared_prefix_length(samples)
+    batch = shared_prefix_collate(samples, 0, capacity=40)
+    assert batch["input_ids"].shape[0] > 1  # rows of at most 40 tokens, the prefix in each
+    seen = []
+    for r in range(batch["input_ids"].shape[0]):
+        mask, ids, pos = batch["attention_4d"][r, 0], batch["input_ids"][r], batch["position_ids"][r]
+        assert pos[:shared].tolist() == list(range(shared))
+        at = shared
+        while at < ids.shape[0] and batch["attention_mask"][r, at]:
+            end = at + 1
+            while end < ids.shape[0] and batch["attention_mask"][r, end] and pos[end] == pos[end - 1] + 1:
+                end += 1
+            seen.append(ids[:shared].tolist() + ids[at:end].tolist())
+            assert pos[at:end].tolist() == list(range(shared, shared + end - at))
+            expected = torch.zeros(end - at, ids.shape[0], dtype=torch.bool)
+            expected[:, :shared] = True
+            expected[:, at:end] = torch.ones(end - at, end - at, dtype=torch.bool).tril()
+            assert torch.equal(mask[at:end], expected)
+            at = end
+        for j in range(at, ids.shape[0]):  # padding
+            assert mask[j].nonzero().flatten().tolist() == [j]
+    assert sorted(seen) == sorted(s["input_ids"] for s in samples)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "lorakit"])
+@pytest.mark.parametrize("capacity", [0, 30])
+def test_a_shared_prefix_gives_the_padded_batch_loss_and_every_gradient(tiny, attention, capacity) -> None:
+    from lorakit.train.attention import register
+    from lorakit.train.batching import default_collate, shared_prefix_collate
+    from lorakit.train.loss import chunked_causal_lm_loss
+
+    samples = _with_prefix(tiny, 6)
+    results = []
+    for layout in ("padded", "shared"):
+        model = tiny.llama()
+        model.set_attn_implementation(register() if attention == "lorakit" else attention)
+        torch.manual_seed(0)
+        lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
+        with torch.no_grad():  # B moved off zero, so A gets gradients too
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if layout == "padded":
+            batch = default_collate(samples, 0)
+            mask, positions = batch["attention_mask"], None
+        else:
+            batch = shared_prefix_collate(samples, 0, capacity)
+            mask, positions = batch["attention_4d"], batch["position_ids"]
+            assert batch["attention_mask"].sum() < sum(len(s["input_ids"]) for s in samples)
+        total, count = chunked_causal_lm_loss(
+            model, batch["input_ids"], mask, batch["labels"], position_ids=positions
+        )
+        total.backward()
+        results.append(
+            (float(total), count, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        )
+    (padded, n_padded, g_padded), (shared, n_shared, g_shared) = results
+    assert n_padded == n_shared and shared == pytest.approx(padded, rel=1e-5)
+    for name in g_padded:
+        torch.testing.assert_close(g_shared[name], g_padded[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_a_shared_prefix_equals_training_padded(tiny, make_config) -> None:
+    results = []
+    for share in (False, True):
+        model = tiny.llama()
+        torch.manual_seed(0)
+        lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
+        config = make_config(share_prefix=share, steps=3, batch_size=8, micro_batch_size=4,
+                             output_dir=str(make_config().output_dir) + f"-{share}")  # fmt: skip
+        replay = Replay(tiny.samples(8, seed=5), 0.25)  # no shared prefix: rows of their own
+        result = Trainer(model, _with_prefix(tiny, 24, seed=2), config, replay=replay).train()
+        log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+        results.append((log, tiny.params_of(model)))
+    (padded_log, padded), (shared_log, shared) = results
+    for a, b in zip(padded_log, shared_log, strict=True):
+        assert a["loss_tokens"] == b["loss_tokens"] and b["tokens"] < a["tokens"]  # the prefix once
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name in padded:
+        torch.testing.assert_close(shared[name], padded[name], rtol=1e-4, atol=1e-6)

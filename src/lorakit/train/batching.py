@@ -6,6 +6,7 @@ that is all a checkpoint needs to continue with exactly the samples an uninterru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -86,6 +87,75 @@ def packed_collate(samples: Sequence[Any], pad_id: int, capacity: int) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
 
 
+MIN_SHARED = 8
+"""Below this many shared tokens a micro-batch is not laid out around its shared prefix."""
+
+
+def shared_prefix_length(samples: Sequence[Any]) -> int:
+    """The longest prefix of input_ids every sample starts with, cut so that no position inside it
+    predicts a labelled token (position j predicts the token at j + 1): the prefix's positions are
+    computed once for all the samples, so none of them may carry one sample's loss. At least one
+    token of each sample stays outside it."""
+    ids = [field_of(s, "input_ids") for s in samples]
+    first = ids[0]
+    limit = min(len(x) for x in ids) - 1
+    for sample in samples:
+        labels = field_of(sample, "labels")
+        labelled = next((j for j in range(1, len(labels)) if labels[j] != IGNORE_INDEX), len(labels))
+        limit = min(limit, labelled - 1)
+    n = 0
+    while n < limit and all(x[n] == first[n] for x in ids):
+        n += 1
+    return n
+
+
+def shared_prefix_collate(samples: Sequence[Any], pad_id: int, capacity: int = 0) -> dict[str, Tensor]:
+    """Rows that hold the samples' shared prefix once, then each sample's rest (its suffix), with a
+    mask that lets every suffix see the prefix and itself, never another suffix: each sample's
+    tokens see exactly the keys and values they would see in a row of their own, so the loss and
+    every gradient are the padded batch's (the prefix's gradient sums what each sample sends it),
+    while the prefix's tokens are computed once per row instead of once per sample.
+
+    `capacity` > 0 caps a row's length (suffixes packed first-fit decreasing, the prefix repeated in
+    each row); 0 puts the whole micro-batch in one row. Without a shared prefix of `MIN_SHARED`
+    tokens, the samples are packed (`packed_collate`) or, with no capacity, padded as usual.
+
+    Returns input_ids, labels, position_ids, attention_mask (the real tokens, for counting) and
+    `attention_4d` (rows, 1, T, T) bool, which the trainer hands the model as its attention mask."""
+    shared = shared_prefix_length(samples)
+    if shared < MIN_SHARED:
+        return packed_collate(samples, pad_id, capacity) if capacity else default_collate(samples, pad_id)
+    prefix = list(field_of(samples[0], "input_ids")[:shared])
+    rests = [len(field_of(s, "input_ids")) - shared for s in samples]
+    rows = pack(rests, capacity - shared) if capacity else [list(range(len(samples)))]
+    width = max(shared + sum(rests[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for r, row in enumerate(rows):
+        ids[r, :shared] = torch.tensor(prefix)
+        real[r, :shared] = 1
+        positions[r, :shared] = torch.arange(shared)
+        allowed[r, 0, :shared, :shared] = causal[:shared, :shared]
+        at = shared
+        for i in row:
+            n = rests[i]
+            part = slice(at, at + n)
+            ids[r, part] = torch.tensor(field_of(samples[i], "input_ids")[shared:], dtype=torch.long)
+            labels[r, part] = torch.tensor(field_of(samples[i], "labels")[shared:], dtype=torch.long)
+            real[r, part] = 1
+            positions[r, part] = torch.arange(shared, shared + n)
+            allowed[r, 0, part, :shared] = True
+            allowed[r, 0, part, part] = causal[:n, :n]
+            at += n
+        allowed[r, 0, range(at, width), range(at, width)] = True  # padding sees itself only (no NaN)
+    return {"input_ids": ids, "attention_mask": real, "labels": labels, "position_ids": positions,
+            "attention_4d": allowed}  # fmt: skip
+
+
 def loss_token_count(labels: Tensor) -> int:
     """Tokens that contribute to the loss: a label at position 0 has no prediction, so skip it."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -155,6 +225,7 @@ def micro_batches(
     replay: tuple[Sequence[Any], list[int]] | None = None,
     shard: tuple[int, int] = (0, 1),
     packing: int = 0,
+    share_prefix: bool = False,
 ) -> list[dict[str, Tensor]]:
     """Split one optimizer batch; sorting by length first keeps padding inside each micro-batch low.
 
@@ -168,7 +239,9 @@ def micro_batches(
     bool, by which the loss is reported per source.
 
     `packing` > 0: each micro-batch's samples go into rows of up to that many tokens
-    (`packed_collate`), replay samples and task samples in rows of their own.
+    (`packed_collate`), replay samples and task samples in rows of their own. `share_prefix`: each
+    source's samples are laid out around their shared prefix (`shared_prefix_collate`), in rows of
+    up to `packing` tokens (0: one row per source).
     """
     pool = [(samples, i, False) for i in indices]
     if replay is not None:
@@ -177,8 +250,12 @@ def micro_batches(
     batches = []
     for start in range(0, len(pool), micro_batch_size):
         part = pool[start : start + micro_batch_size]
-        if packing:
-            batches.append(_packed_by_source(part, pad_id, packing, replay is not None))
+        if packing or share_prefix:
+            if share_prefix:
+                rows = functools.partial(shared_prefix_collate, capacity=packing)
+            else:
+                rows = functools.partial(packed_collate, capacity=packing)
+            batches.append(_by_source(part, pad_id, rows, replay is not None))
             continue
         batch = collate([source[i] for source, i, _ in part], pad_id)
         if replay is not None:
@@ -188,36 +265,67 @@ def micro_batches(
     return batches[rank::size]
 
 
-def _packed_by_source(
-    part: list[tuple[Sequence[Any], int, bool]], pad_id: int, capacity: int, flag: bool
+def _by_source(
+    part: list[tuple[Sequence[Any], int, bool]], pad_id: int, rows: Collate, flag: bool
 ) -> dict[str, Tensor]:
-    """One packed micro-batch whose rows each hold one source's samples (task or replay)."""
+    """One micro-batch whose rows (from `rows(samples, pad_id)`) each hold one source's samples
+    (task or replay), the sources' rows joined at the width of the widest."""
     pieces = []
     for replayed in (False, True):
         group = [source[i] for source, i, is_replay in part if is_replay == replayed]
         if group:
-            batch = packed_collate(group, pad_id, capacity)
+            batch = rows(group, pad_id)
             batch["replay_rows"] = torch.full((batch["input_ids"].shape[0],), replayed)
             pieces.append(batch)
+    out = pieces[0] if len(pieces) == 1 else _join_rows(pieces, pad_id)
+    if not flag:
+        out.pop("replay_rows")
+    return out
+
+
+def _join_rows(pieces: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
+    """Stack row sets of different widths, each padded on the right (padding positions go on from
+    the row's last; under an explicit 4-D mask padding sees only itself)."""
     width = max(b["input_ids"].shape[1] for b in pieces)
+    for b in pieces:  # padded rows (no shared prefix) beside laid-out ones: positions of their own
+        if "position_ids" not in b:
+            b["position_ids"] = (b["attention_mask"].cumsum(1) - 1).clamp(min=0)
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
-    out = {}
+    out: dict[str, Tensor] = {"replay_rows": torch.cat([b["replay_rows"] for b in pieces])}
     for key in ("input_ids", "labels", "attention_mask", "position_ids"):
-        rows = []
+        parts = []
         for b in pieces:
-            t = b[key]
-            extra = width - t.shape[1]
-            if extra:
-                tail = (
-                    torch.arange(extra).add(t[:, -1:] + 1)
-                    if key == "position_ids"
-                    else t.new_full((t.shape[0], extra), fill[key])
-                )
-                t = torch.cat([t, tail], dim=1)
-            rows.append(t)
-        out[key] = torch.cat(rows)
-    if flag:
-        out["replay_rows"] = torch.cat([b["replay_rows"] for b in pieces])
+            t, extra = b[key], width - b[key].shape[1]
+            if extra and key == "position_ids":
+                t = torch.cat([t, torch.arange(1, extra + 1).add(t[:, -1:])], dim=1)
+            elif extra:
+                t = torch.cat([t, t.new_full((t.shape[0], extra), fill[key])], dim=1)
+            parts.append(t)
+        out[key] = torch.cat(parts)
+    if any("attention_4d" in b for b in pieces):
+        out["attention_4d"] = torch.cat([_mask_4d(b, width) for b in pieces])
+    return out
+
+
+def _mask_4d(batch: dict[str, Tensor], width: int) -> Tensor:
+    """A row set's (rows, 1, width, width) bool mask: its own, or built from its real tokens and
+    where its positions restart, widened with padding that sees only itself."""
+    rows, length = batch["input_ids"].shape
+    if "attention_4d" in batch:
+        mask = batch["attention_4d"]
+    else:
+        positions = batch["position_ids"]
+        starts = torch.cat(
+            [torch.ones(rows, 1, dtype=torch.bool), positions[:, 1:] != positions[:, :-1] + 1], 1
+        )
+        segment = starts.cumsum(1)
+        same = segment[:, :, None] == segment[:, None, :]
+        real = batch["attention_mask"].bool()
+        mask = same & real[:, None, :] & torch.ones(length, length, dtype=torch.bool).tril()
+        mask = (mask | torch.eye(length, dtype=torch.bool))[:, None]  # padding sees itself (no empty row)
+    out = torch.zeros(rows, 1, width, width, dtype=torch.bool)
+    out[:, :, :length, :length] = mask
+    out[:, 0, range(length, width), range(length, width)] = True
     return out
 
 

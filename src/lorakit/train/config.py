@@ -136,6 +136,14 @@ class TrainConfig:
             "sample to the longest; 0 = off"
         ),
     )
+    share_prefix: bool = field(
+        default=False,
+        metadata=_help(
+            "compute the prompt prefix a micro-batch's samples share (system prompt, instruction) once "
+            "per row, every sample's rest attending to it: the same loss and gradients, fewer tokens; "
+            "rows of up to --packing tokens (0: one row per micro-batch)"
+        ),
+    )
     report_to: str = field(
         default="none",
         metadata=_help(
@@ -191,8 +199,8 @@ class TrainConfig:
             p.append(f"kl_to_base={self.kl_to_base}; expected a weight >= 0")
         if self.packing < 0:
             p.append(f"packing={self.packing}; expected a row length in tokens, or 0 for off")
-        elif self.packing and self.kl_to_base:
-            p.append("packing with kl_to_base: the KL term's base pass reads padded rows; use one of them")
+        elif (self.packing or self.share_prefix) and self.kl_to_base:
+            p.append("packing or share_prefix with kl_to_base: the KL term's base pass reads padded rows")
         if self.optimizer not in ("adamw", "paged_adamw"):
             p.append(f"optimizer={self.optimizer!r}; expected adamw or paged_adamw")
         return p

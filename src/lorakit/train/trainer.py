@@ -141,8 +141,10 @@ class Trainer:
         self.fsdp = config.fsdp and self.world.enabled  # one process: nothing to shard
         if self.fsdp and (reason := fsdp.problem(model, config)):
             raise ValueError(f"--fsdp: {reason}")  # on every rank, before any collective
-        if config.packing and (reason := _packing_problem(model, collate)):
-            raise ValueError(f"--packing: {reason}")
+        if (config.packing or config.share_prefix) and (
+            reason := _packing_problem(model, collate, config.share_prefix)
+        ):
+            raise ValueError(f"--{'share-prefix' if config.share_prefix else 'packing'}: {reason}")
         _check_master_dtype(self.trainable)
         self.optimizer = build_optimizer(groups, config, self.device)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -202,6 +204,7 @@ class Trainer:
             (self.replay.samples, self.replay_order.take(replayed)) if self.replay else None,
             shard=(self.world.rank, self.world.size),  # every rank draws the global batch, keeps its share
             packing=self.config.packing,
+            share_prefix=self.config.share_prefix,
         )
         # the step's loss tokens over every rank: the loss is the mean over the global batch
         loss_tokens = int(distributed.all_sum([sum(loss_token_count(b["labels"]) for b in batches)])[0])
@@ -262,11 +265,10 @@ class Trainer:
             groups: dict[Any, tuple[float, int]] = {}
             last = i == len(batches) - 1
             with self._autocast(), distributed.no_sync(self.loss_model, skip=not last):
-                packed = batch.get("position_ids")  # packed rows: the mask comes from the positions
                 out = self.loss_model(
                     input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"] if packed is None else None,
-                    position_ids=packed,
+                    attention_mask=_model_mask(batch),
+                    position_ids=batch.get("position_ids"),
                     labels=batch["labels"],
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
@@ -705,10 +707,21 @@ def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def _packing_problem(model: nn.Module, collate: Collate) -> str | None:
+def _model_mask(batch: dict[str, Tensor]) -> Tensor | None:
+    """The attention mask the model gets: a laid-out micro-batch's own 4-D mask; none for packed rows
+    (transformers builds it from where the positions restart); the padding mask otherwise."""
+    if "attention_4d" in batch:
+        return batch["attention_4d"]
+    return None if "position_ids" in batch else batch["attention_mask"]
+
+
+def _packing_problem(model: nn.Module, collate: Collate, explicit_mask: bool) -> str | None:
     """Why packed rows would not train what padded rows train here, or None."""
     if collate is not default_collate:
         return "a custom collate function; packing builds its own rows from input_ids and labels"
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if explicit_mask and attention == "eager":
+        return "eager attention adds a float mask; shared-prefix rows pass a boolean one: use sdpa or lorakit"
     for name, config in registry(model).configs.items():
         reason = getattr(type(config), "packing_problem", None)
         if reason:
