@@ -288,3 +288,25 @@ def test_alora_suite_runs_every_arm_and_checks_against_no_cache(tmp_path) -> Non
     assert reprefill["prefilled"] == reprefill["history"] + invocation
     for suffix in ("json", "md", "png"):
         assert (tmp_path / f"alora.{suffix}").is_file()
+
+
+def test_task_cases_lay_out_the_same_batches_and_agree_on_the_loss(tmp_path: Path) -> None:
+    """The default task's real batches, padded, packed and around their shared prefix: the same
+    samples (real and loss tokens), fewer positions computed, the same loss."""
+    names = ["lora_task_fp32", "lora_task_packed_fp32", "lora_task_shared_fp32"]
+    report = _tiny("train", tmp_path, names + (["peft_lora_task_fp32"] if HAS_PEFT else []), steps=2)
+    assert report["failed"] == []
+    cases = report["suites"]["train"]["cases"]
+    layouts = {n: cases[n]["layout"] for n in names}
+    assert len({(x["real_tokens_per_step"], x["loss_tokens_per_step"]) for x in layouts.values()}) == 1
+    padded = layouts["lora_task_fp32"]["positions_per_step"]
+    assert layouts["lora_task_packed_fp32"]["positions_per_step"] < padded
+    assert (
+        layouts["lora_task_shared_fp32"]["positions_per_step"]
+        < layouts["lora_task_fp32"]["real_tokens_per_step"]
+    )
+    first = cases["lora_task_fp32"]["losses"][0]
+    for name in names[1:]:
+        assert cases[name]["losses"][0] == pytest.approx(first, rel=1e-4)
+    if HAS_PEFT:  # PEFT averages per micro-batch: another mean of the same token losses
+        assert cases["peft_lora_task_fp32"]["losses"][0] == pytest.approx(first, rel=0.05)

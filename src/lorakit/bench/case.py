@@ -45,7 +45,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from .train import run_train  # only train cases need the optimizer and loss imports
 
-        result = run_train(model, case, warmup, steps)
+        result = run_train(model, case, warmup, steps, tokenizer)
     result.update(
         case=case.name,
         library=case.library,

@@ -20,6 +20,7 @@ RANK, ALPHA = 16, 32
 FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
 NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
 TRAIN_BATCH, TRAIN_SEQ = 4, 256
+TASK_BATCH, TASK_MICRO, TASK_PACKING, TASK_BATCHES = 16, 8, 512, 6  # the task cases: `lorakit train`'s
 QUANT_SHAPE = (4096, 4096)  # the NF4 quantize / dequantize micro-benchmark
 TINY_QUANT_SHAPE = (256, 256)  # the same with --model tiny (a smoke test)
 
@@ -50,6 +51,10 @@ class Case:
     compile: str = "off"  # train: prepare_for_training's compile ("on": compiled decoder layers)
     seq: int = 0  # train: one row of this many tokens instead of TRAIN_BATCH x TRAIN_SEQ
     attention: str = ""  # train: "" as prepared (lorakit's kernel), "sdpa", or "s2" (LongLoRA's S2-Attn)
+    # train: "" the synthetic TRAIN_BATCH x TRAIN_SEQ batch; the default task's real optimizer
+    # batches (TASK_BATCH samples, micro-batches of TASK_MICRO, assistant-only loss) laid out as
+    # "padded" (the trainer's default), "packed" (--packing TASK_PACKING) or "shared" (--share-prefix)
+    data: str = ""
 
 
 CASES: tuple[Case, ...] = (
@@ -158,6 +163,18 @@ CASES: tuple[Case, ...] = (
     Case("peft_qlora_bf16", "train", "peft", "unmerged", "bf16", "model", method="qlora"),
     # quantize + dequantize one QUANT_SHAPE fp32 matrix to NF4 (blocks of 64, double quantization),
     # dequantizing to bf16, the compute dtype of QLoRA; no model is loaded.
+    # the default task's real batches (issue 26): padding, packing and the shared prompt prefix, each
+    # against PEFT on the same padded batches; `--cases` with TASK_TRAIN_CASES
+    *(
+        Case(f"{name}_{dtype}", "train", library, "unmerged", dtype, loss, extra=True, data=data)
+        for dtype in ("fp32", "bf16")
+        for name, library, loss, data in (
+            ("lora_task", "lorakit", "chunked", "padded"),
+            ("lora_task_packed", "lorakit", "chunked", "packed"),
+            ("lora_task_shared", "lorakit", "chunked", "shared"),
+            ("peft_lora_task", "peft", "model", "padded"),
+        )
+    ),
     Case("nf4", "quant", "lorakit"),
     Case("bnb_nf4", "quant", "bitsandbytes"),
 )
@@ -217,6 +234,14 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
             for a, b in (("s2", "sdpa"), ("s2", "kernel"), ("kernel", "sdpa"))
         ),
         ("qlora_emb_bf16", "qlora_bf16"),
+        *(
+            (f"lora_task{layout}_{dtype}", other)
+            for dtype in ("fp32", "bf16")
+            for layout in ("", "_packed", "_shared")
+            for other in (f"peft_lora_task_{dtype}", f"lora_task_{dtype}")
+            if f"lora_task{layout}_{dtype}" != other
+        ),
+        ("lora_task_shared_fp32", "peft_lora_task_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
     ),
@@ -277,6 +302,11 @@ SCHOOL_TRAIN_CASES = (
 )
 
 QUANTUM_TRAIN_CASES = ("lora_bf16", *(f"{m}_bf16" for m in QUANTUM_METHODS))
+TASK_TRAIN_CASES = tuple(
+    f"{name}_{dtype}"
+    for dtype in ("fp32", "bf16")
+    for name in ("lora_task", "lora_task_packed", "lora_task_shared", "peft_lora_task")
+)
 LONG_TRAIN_CASES = tuple(f"lora_qkvo_{k}_{n}" for n in LONG_LENGTHS for k in ("sdpa", "kernel", "s2"))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .cases import TRAIN_BATCH, TRAIN_SEQ, Case
+from .cases import TASK_BATCH, TASK_BATCHES, TASK_MICRO, TASK_PACKING, TRAIN_BATCH, TRAIN_SEQ, Case
 from .timing import measure, peak_rss_since_reset_mb, reset_peak_rss
 
 LR = 1e-4
@@ -30,7 +30,7 @@ WEIGHT_DECAY = 0.01  # torch's AdamW default, for both libraries
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
 
-def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str, Any]:
+def run_train(model: nn.Module, case: Case, warmup: int, steps: int, tokenizer: Any = None) -> dict[str, Any]:
     model.train()
     prepared: list[str] = []
     if case.library == "lorakit":  # what `lorakit train` does before its first step
@@ -50,19 +50,11 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
     elif case.attention:
         model.set_attn_implementation(case.attention)
         prepared.append(f"attention: {case.attention}")
+    if case.data:
+        return _run_task(model, case, warmup, steps, tokenizer, prepared)
     ids = _batch(model, case.seq)
     loss_fn, loss_name = _loss_fn(case.loss)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if case.library == "lorakit":  # the trainer's AdamW (fused where torch has the kernel)
-        from lorakit.train.config import TrainConfig
-        from lorakit.train.optim import build_optimizer
-
-        optimizer = build_optimizer(
-            [{"params": params}], TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY), ids.device
-        )
-        prepared.append(f"optimizer: {type(optimizer).__name__}, fused={optimizer.defaults.get('fused')}")
-    else:  # what PEFT's examples write
-        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = _optimizer(model, case, ids.device, prepared)
     losses: list[float] = []
 
     def step() -> None:
@@ -81,6 +73,114 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int) -> dict[str
         "loss": loss_name,
         "losses": losses,
         "batch": list(ids.shape),
+        "prepared": prepared,
+    }
+    if reset:
+        result["step_peak_rss_mb"] = peak_rss_since_reset_mb()
+    return result
+
+
+def _optimizer(
+    model: nn.Module, case: Case, device: torch.device, prepared: list[str]
+) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if case.library != "lorakit":  # what PEFT's examples write
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    from lorakit.train.config import TrainConfig  # the trainer's AdamW (fused where torch has the kernel)
+    from lorakit.train.optim import build_optimizer
+
+    optimizer = build_optimizer([{"params": params}], TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY), device)
+    prepared.append(f"optimizer: {type(optimizer).__name__}, fused={optimizer.defaults.get('fused')}")
+    return optimizer
+
+
+def task_batches(tokenizer: Any, layout: str) -> tuple[list[list[dict[str, Tensor]]], int, int]:
+    """TASK_BATCHES optimizer batches of the default task's training samples, as `lorakit train` forms
+    them (TASK_BATCH samples, sorted by length into micro-batches of TASK_MICRO), laid out as asked;
+    with the samples' real tokens and loss tokens per batch (the same for every layout)."""
+    import random
+
+    from lorakit.data import build_sft_dataset, load_task
+    from lorakit.train.batching import default_collate, loss_token_count, micro_batches
+
+    samples = build_sft_dataset(tokenizer, load_task().train, 512).samples
+    picked = random.Random(0).sample(range(len(samples)), TASK_BATCH * TASK_BATCHES)
+    packing = TASK_PACKING if layout == "packed" else 0
+    batches = [
+        micro_batches(
+            samples,
+            picked[b * TASK_BATCH : (b + 1) * TASK_BATCH],
+            TASK_MICRO,
+            default_collate,
+            tokenizer.pad_token_id,
+            packing=packing,
+            share_prefix=layout == "shared",
+        )  # fmt: skip
+        for b in range(TASK_BATCHES)
+    ]
+    tokens = sum(len(samples[i].input_ids) for i in picked) // TASK_BATCHES
+    loss_tokens = sum(loss_token_count(m["labels"]) for batch in batches for m in batch) // TASK_BATCHES
+    return batches, tokens, loss_tokens
+
+
+def _run_task(
+    model: nn.Module, case: Case, warmup: int, steps: int, tokenizer: Any, prepared: list[str]
+) -> dict[str, Any]:
+    """One optimizer step on real batches, rotating through TASK_BATCHES of them: lorakit's chunked
+    loss as the trainer computes it (the sum over the batch's loss tokens over their count); PEFT's
+    `model(input_ids, attention_mask, labels=...)` per micro-batch, averaged, as its users train."""
+    from lorakit.train.batching import loss_token_count
+    from lorakit.train.loss import chunked_causal_lm_loss
+    from lorakit.train.trainer import _model_mask
+
+    batches, tokens, loss_tokens = task_batches(tokenizer, case.data)
+    optimizer = _optimizer(model, case, batches[0][0]["input_ids"].device, prepared)
+    losses: list[float] = []
+    turn = [0]
+
+    def step() -> None:
+        batch = batches[turn[0] % len(batches)]
+        turn[0] += 1
+        count = sum(loss_token_count(m["labels"]) for m in batch)
+        total = 0.0
+        for micro in batch:
+            with _autocast(case.dtype):
+                if case.library == "lorakit":
+                    part, _ = chunked_causal_lm_loss(
+                        model, micro["input_ids"], _model_mask(micro), micro["labels"],
+                        position_ids=micro.get("position_ids"),
+                    )  # fmt: skip
+                    loss = part / count
+                else:
+                    loss = model(
+                        input_ids=micro["input_ids"],
+                        attention_mask=micro["attention_mask"],
+                        labels=micro["labels"],
+                    ).loss / len(batch)
+            loss.backward()
+            total += float(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+
+    reset = reset_peak_rss()
+    timing = measure(step, warmup, steps)
+    timing["tokens_per_s"] = tokens / timing["median_s"]
+    timing["loss_tokens_per_s"] = loss_tokens / timing["median_s"]
+    rows = [m["input_ids"].shape for batch in batches for m in batch]
+    result = {
+        "step": timing,
+        "loss": "lorakit chunked_causal_lm_loss"
+        if case.library == "lorakit"
+        else "model(..., labels=...).loss",
+        "losses": losses,
+        "batch": [TASK_BATCH, tokens // TASK_BATCH],
+        "layout": {
+            "kind": case.data,
+            "positions_per_step": sum(r[0] * r[1] for r in rows) // len(batches),
+            "real_tokens_per_step": tokens,
+            "loss_tokens_per_step": loss_tokens,
+        },  # fmt: skip
         "prepared": prepared,
     }
     if reset:
