@@ -20,7 +20,7 @@ LONG_TEXT_PACKAGE := gensim==4.4.0
 # On a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" install
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint clean test-latest lock test-clients browser
+.PHONY: install demo test lint clean test-latest lock test-clients browser bench-trl
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 test-clients: install
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c $(CONSTRAINTS) $(LLAMA_CPP_PYTHON) diskcache==5.6.3
 	$(BIN)/python -m pytest -q -m clients tests/clients
+
+# The whole default run against TRL's SFTTrainer + PEFT (lorakit.bench.sft, docs/benchmarks.md): TRL
+# and its data stack are bench-only, installed here and not by `make install`. About 25 minutes.
+TRL_PACKAGES := trl==1.16.0 datasets==5.2.0 pandas==3.1.1 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
+bench-trl: install
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -c $(CONSTRAINTS) $(TRL_PACKAGES)
+	$(BIN)/python -m lorakit.bench.sft --out runs/bench-sft
 
 # The newest versions pyproject.toml allows (torch stays pinned: a newer one is a CUDA download).
 # Reinstalled every time, so it always tries what pip would give a new user today.

@@ -129,9 +129,8 @@ def _run_task(
     """One optimizer step on real batches, rotating through TASK_BATCHES of them: lorakit's chunked
     loss as the trainer computes it (the sum over the batch's loss tokens over their count); PEFT's
     `model(input_ids, attention_mask, labels=...)` per micro-batch, averaged, as its users train."""
-    from lorakit.train.batching import loss_token_count
+    from lorakit.train.batching import loss_token_count, model_mask
     from lorakit.train.loss import chunked_causal_lm_loss
-    from lorakit.train.trainer import _model_mask
 
     batches, tokens, loss_tokens = task_batches(tokenizer, case.data)
     optimizer = _optimizer(model, case, batches[0][0]["input_ids"].device, prepared)
@@ -147,7 +146,7 @@ def _run_task(
             with _autocast(case.dtype):
                 if case.library == "lorakit":
                     part, _ = chunked_causal_lm_loss(
-                        model, micro["input_ids"], _model_mask(micro), micro["labels"],
+                        model, micro["input_ids"], model_mask(micro), micro["labels"],
                         position_ids=micro.get("position_ids"),
                     )  # fmt: skip
                     loss = part / count

@@ -156,6 +156,14 @@ def shared_prefix_collate(samples: Sequence[Any], pad_id: int, capacity: int = 0
             "attention_4d": allowed}  # fmt: skip
 
 
+def model_mask(batch: dict[str, Tensor]) -> Tensor | None:
+    """The attention mask the model gets: a laid-out micro-batch's own 4-D mask; none for packed rows
+    (transformers builds it from where the positions restart); the padding mask otherwise."""
+    if "attention_4d" in batch:
+        return batch["attention_4d"]
+    return None if "position_ids" in batch else batch["attention_mask"]
+
+
 def loss_token_count(labels: Tensor) -> int:
     """Tokens that contribute to the loss: a label at position 0 has no prediction, so skip it."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())

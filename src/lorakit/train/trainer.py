@@ -39,6 +39,7 @@ from lorakit.train.batching import (
     fingerprint,
     loss_token_count,
     micro_batches,
+    model_mask,
 )
 from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
 from lorakit.train.fast import prepare_for_training
@@ -267,7 +268,7 @@ class Trainer:
             with self._autocast(), distributed.no_sync(self.loss_model, skip=not last):
                 out = self.loss_model(
                     input_ids=batch["input_ids"],
-                    attention_mask=_model_mask(batch),
+                    attention_mask=model_mask(batch),
                     position_ids=batch.get("position_ids"),
                     labels=batch["labels"],
                     chunk_size=self.config.loss_chunk_size,
@@ -705,14 +706,6 @@ def _kl_rows(batch: dict[str, Tensor]) -> Tensor:
 def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters a checkpoint saves: `named_parameters()` with requires_grad."""
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
-
-
-def _model_mask(batch: dict[str, Tensor]) -> Tensor | None:
-    """The attention mask the model gets: a laid-out micro-batch's own 4-D mask; none for packed rows
-    (transformers builds it from where the positions restart); the padding mask otherwise."""
-    if "attention_4d" in batch:
-        return batch["attention_4d"]
-    return None if "position_ids" in batch else batch["attention_mask"]
 
 
 def _packing_problem(model: nn.Module, collate: Collate, explicit_mask: bool) -> str | None:
