@@ -109,28 +109,25 @@ def test_gate_ranges() -> None:
     for gate, k in (("sigmoid", 1), ("softmax", 1), ("topk", 2)):
         model = _mixture(gate=gate, top_k=k)
         delta = next(d for _, _, d in adapter_deltas(model, "default") if len(d.experts) == 2)
-        x = torch.randn(3, 5, delta.router_weight.shape[1])
+        prefix = next(d for _, _, d in adapter_deltas(model, "default") if d.prefix is not None)
         delta.train()
+        prefix.train()
         with torch.enable_grad():
-            gates = delta.gates(x)
-        probs, kept = delta.record
-        assert gates.shape == (3, 5, 2)
-        if gate == "sigmoid":
-            assert ((gates > 0) & (gates < 1)).all()
-        else:  # 2 experts + the null slot
-            torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
-            assert probs.shape[-1] == 3
+            gates = delta.gates(torch.randn(3, 5, delta.router_weight.shape[1]))
+            g = prefix.prefix_gates(prefix.prefix, torch.randn(3, 5, prefix.prefix.router_weight.shape[1]))
+        assert gates.shape == (3, 5, 2) and g.shape == (3, 5, 1)
+        if gate == "sigmoid":  # independent gates, nothing recorded for a balancing loss
+            assert ((gates > 0) & (gates < 1)).all() and ((g > 0) & (g < 1)).all()
+            assert delta.record is None and prefix.prefix.record is None
+            continue
+        probs, kept = delta.record  # 2 experts + the null slot
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
+        assert probs.shape[-1] == 3
         if gate == "topk":
             assert ((probs * kept) > 0).sum(-1).eq(2).all() and kept.sum(-1).eq(2).all()
-        prefix = next(d for _, _, d in adapter_deltas(model, "default") if d.prefix is not None)
-        with torch.enable_grad():
-            g = prefix.prefix_gates(prefix.prefix, torch.randn(3, 5, prefix.prefix.router_weight.shape[1]))
-        probs, kept = prefix.prefix.record
-        assert g.shape == (3, 5, 1) and probs.shape[-1] == (1 if gate == "sigmoid" else 2)  # + null
-        if gate == "sigmoid":
-            assert ((g > 0) & (g < 1)).all()
-        else:
-            torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
+        probs, kept = prefix.prefix.record  # the prefix and its null slot
+        assert probs.shape[-1] == 2
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
 
 
 def test_balance_loss_on_hand_made_router_outputs() -> None:
@@ -299,3 +296,21 @@ def test_the_trainer_switches_the_wrapped_attention_to_its_cpu_kernel() -> None:
     assert model.config._attn_implementation == "lorakit_mopeft"
     prepare_for_training(model, None, compile="off")
     assert model.config._attn_implementation == "lorakit_mopeft" and getattr(model.config, INNER) == "lorakit"
+
+
+def test_a_gated_lora_expert_is_its_output_times_the_gate() -> None:
+    """LoRA applies the gate to its rank-r activation: the same as scaling its output, in fp32 and
+    (to bf16 rounding) under autocast; the default `Delta.gated` scales the output."""
+    model = _mixture()
+    layer = model.model.layers[0].mlp.down_proj
+    lora = layer.adapters["default"].experts["lora"]
+    adapter = layer.adapters["default"].experts["adapter"]
+    x = torch.randn(2, 5, layer.in_features)
+    gate = torch.rand(2, 5, 1)
+    base = layer.base_layer(x)
+    for expert in (lora, adapter):
+        torch.testing.assert_close(expert.gated(x, base, layer, gate), expert(x, base, layer) * gate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lora.gated(x, base, layer, gate)
+        want = lora(x, base, layer) * gate
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -87,6 +87,11 @@ class Delta(nn.Module):
         """`out` plus this delta's output; a method may fuse the addition into its last op."""
         return out + self(x, base_out, layer)
 
+    def gated(self, x: Tensor, base_out: Tensor, layer: AdaptedLayer, gate: Tensor) -> Tensor:
+        """This delta's output scaled per token by `gate` (..., 1), a mixture's router output
+        (methods/mopeft.py); a method may apply it to a smaller tensor inside (LoRA: the rank-r one)."""
+        return self(x, base_out, layer) * gate.to(base_out.dtype)
+
     def prepare_compiled(self, layer: AdaptedLayer) -> None:
         """Called eagerly right before each compiled training call of the decoder layer holding this
         delta (`lorakit.train.compiled`): compute here, outside the traced code, what the forward

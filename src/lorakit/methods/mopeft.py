@@ -248,12 +248,14 @@ class MixtureDelta(Delta):
         """Every expert of this layer, the prefix included."""
         return [*self.experts, *(["prefix"] if self.prefix is not None else [])]
 
-    def _route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router logits (..., slots) -> (gates, probabilities, kept slots)."""
+    def _route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Router logits (..., slots) -> (gates, probabilities, kept slots: None for sigmoid gates)."""
         logits = logits.float()
-        if self.gate == "sigmoid":
-            probs = torch.sigmoid(logits)
-            kept = torch.ones_like(probs)
+        if self.gate == "sigmoid":  # independent gates: nothing to keep or balance
+            gates = torch.sigmoid(logits)
+            if self.pooling == "sequence_mean" and gates.dim() == 3:
+                gates = gates.mean(dim=1, keepdim=True).expand_as(gates)
+            return gates, gates, None
         else:
             probs = torch.softmax(logits, dim=-1)
             kept = torch.ones_like(probs)
@@ -267,9 +269,9 @@ class MixtureDelta(Delta):
 
     def gates(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., experts): each token's gate per expert acting on this layer's output."""
-        logits = F.linear(x.to(self.router_weight.dtype), self.router_weight, self.router_bias)
+        logits = F.linear(_router_input(x, self.router_weight), self.router_weight, self.router_bias)
         gates, probs, kept = self._route(logits)
-        if self.training and torch.is_grad_enabled():
+        if kept is not None and self.training and torch.is_grad_enabled():
             self.record = (probs, kept)
         gates = gates[..., : len(self.experts)]
         if self.seen is not None:
@@ -280,9 +282,11 @@ class MixtureDelta(Delta):
         """(B, N, kv heads * head dim) value vectors -> (B, N, 1) gates of the prefix expert."""
         if self.forced is not None:
             return tokens.new_full((*tokens.shape[:-1], 1), self.forced.get("prefix", 0.0))
-        logits = F.linear(tokens.to(prefix.router_weight.dtype), prefix.router_weight, prefix.router_bias)
+        logits = F.linear(
+            _router_input(tokens, prefix.router_weight), prefix.router_weight, prefix.router_bias
+        )
         gates, probs, kept = self._route(logits)
-        if self.training and torch.is_grad_enabled():
+        if kept is not None and self.training and torch.is_grad_enabled():
             prefix.record = (probs, kept)
         return gates[..., :1]
 
@@ -309,7 +313,7 @@ class MixtureDelta(Delta):
             gates = self.gates(x)
         out = None
         for e, expert in enumerate(self.experts.values()):
-            part = expert(x, base_out, layer) * gates[..., e : e + 1].to(base_out.dtype)
+            part = expert.gated(x, base_out, layer, gates[..., e : e + 1])
             out = part if out is None else out + part
         return out
 
@@ -364,6 +368,14 @@ class MixtureDelta(Delta):
             for role, params in expert.role_parameters().items():
                 groups.setdefault(role, []).extend(params)
         return groups
+
+
+def _router_input(x: Tensor, weight: Tensor) -> Tensor:
+    """x as the router's matmul takes it: under autocast as it is (the matmul casts both sides), else
+    in the router's dtype."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype:
+        return x
+    return x.to(weight.dtype)
 
 
 def balance_loss(probs: Tensor, kept: Tensor, gate: str) -> Tensor:
