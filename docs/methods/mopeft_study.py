@@ -21,7 +21,9 @@ Every `lorakit train` runs as a child process (the real command line, resumable:
 skipped on a rerun); scoring runs here, per arm on a freshly loaded base model: each task's exact
 match / answer NLL, general-text NLL (forgetting), decode latency (24 greedy tokens, median of 3),
 and for the mixture the mean gate per layer and expert on each task's prompts (the heatmap).
-Writes OUT/results.json, OUT/report.md and OUT/gates-<arm>.png for the two mixtures.
+Writes OUT/results.json, OUT/report.md and OUT/gates-<arm>.png for the two mixtures. Then, on a quiet
+machine, `--cost` times each arm again (20 steps of its own options, and decoding with its trained
+adapter): OUT/cost.json.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +48,7 @@ MIXED = "+".join(TASKS)
 MIXTURE = "lora,adapter,prefix"
 COMBINATIONS = {"linear": [], "svd": ["--rank", "16"], "ties": ["--density", "0.3", "--rank", "48"],
                 "dare_linear": ["--density", "0.3", "--seed", "0"]}  # fmt: skip
-EVAL_ITEMS, GATE_PROMPTS, LATENCY_TOKENS = 60, 32, 24
+EVAL_ITEMS, GATE_PROMPTS, LATENCY_TOKENS, COST_STEPS = 60, 32, 24, 20
 
 
 def lorakit(*args: str, log: Path) -> None:
@@ -75,10 +78,8 @@ def matched_rank() -> tuple[int, dict[str, int]]:
     return max(1, round(counts["mixture"] / per_rank)), counts
 
 
-def train_arms(out: Path, steps: int, batch: int) -> dict[str, Any]:
-    runs, log = out / "runs", out / "train.log"
-    runs.mkdir(parents=True, exist_ok=True)
-    rank, counts = matched_rank()
+def plan_arms(steps: int, batch: int, rank: int) -> list[tuple[str, list[str]]]:
+    """(arm, `lorakit train` options) of every trained arm."""
     common = ["--steps", str(steps), "--batch-size", str(batch), "--micro-batch-size", str(batch),
               "--skip-eval", "--no-progress-bar", "--checkpoint-every", "0"]  # fmt: skip
     arms = {
@@ -94,7 +95,14 @@ def train_arms(out: Path, steps: int, batch: int) -> dict[str, Any]:
     task_steps = [*common]
     task_steps[1] = str(steps // len(TASKS))
     plan += [(f"task-{SHORT[t]}", ["--task", t, "--method", "lora", *task_steps]) for t in TASKS]
-    for arm, args in plan:
+    return plan
+
+
+def train_arms(out: Path, steps: int, batch: int) -> dict[str, Any]:
+    runs, log = out / "runs", out / "train.log"
+    runs.mkdir(parents=True, exist_ok=True)
+    rank, counts = matched_rank()
+    for arm, args in plan_arms(steps, batch, rank):
         folder = runs / arm
         if (folder / "adapter" / "adapter_config.json").is_file():
             continue
@@ -342,12 +350,51 @@ def heatmap(gates: dict[str, Any], path: Path, arm: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cost(out: Path, batch: int, steps: int = COST_STEPS) -> dict[str, Any]:
+    """Step time and decode latency of each trained arm again, on a quiet machine and the code as it
+    is now: a short run of the arm's own options (median seconds between logged steps, the first
+    two left out), then 24 greedy tokens with its trained adapter (median of 3)."""
+    import statistics
+
+    from lorakit import api
+    from lorakit.arena.latency import ms_per_token
+    from lorakit.run import api_load
+
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    rows = {}
+    for arm, args in plan_arms(steps, batch, meta["matched_rank"]):
+        if arm.startswith("task-"):
+            continue
+        folder = out / "cost" / arm
+        if folder.exists():
+            shutil.rmtree(folder)
+        print(f"[{time.strftime('%H:%M:%S')}] cost {arm}", flush=True)
+        lorakit("train", *args, "--output-dir", str(folder), log=out / "cost.log")
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        elapsed = [r["elapsed"] for r in log if "elapsed" in r]
+        gaps = [b - a for a, b in zip(elapsed[1:], elapsed[2:], strict=False)]
+        model, tokenizer = api_load(None)
+        tokenizer, _ = api.load_as_trained(model, tokenizer, out / "runs" / arm / "adapter")
+        rows[arm] = {
+            "step_s": statistics.median(gaps),
+            "ms_per_token": ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"],
+        }
+    model, tokenizer = api_load(None)
+    rows["base"] = {"ms_per_token": ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]}
+    (out / "cost.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/mopeft-study")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cost", action="store_true", help="after the study: step time and latency, quietly")
     args = parser.parse_args()
+    if args.cost:
+        print(json.dumps(cost(Path(args.out), args.batch), indent=2))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
