@@ -122,10 +122,45 @@ def test_packing_is_refused_where_it_would_train_something_else(tiny, make_confi
     lk.apply(model, lk.ALoRAConfig(rank=4, alpha=8, invocation_tokens=[7]))
     with pytest.raises(ValueError, match="--packing: adapter 'default' \\(ALoRAConfig\\): it activates"):
         Trainer(model, tiny.samples(4), make_config(packing=64))
-    with pytest.raises(ValueError, match="packing or share_prefix with kl_to_base"):
+    with pytest.raises(ValueError, match="packing with kl_to_base"):
         make_config(packing=64, kl_to_base=0.1)
     with pytest.raises(ValueError, match="packing=-1"):
         make_config(packing=-1)
+    with pytest.raises(ValueError, match="--share-prefix: adapter 'default' \\(ALoRAConfig\\)"):
+        Trainer(model, tiny.samples(4), make_config(share_prefix="on"))
+    with pytest.raises(ValueError, match="share_prefix='on' with kl_to_base"):
+        make_config(share_prefix="on", kl_to_base=0.1)
+    with pytest.raises(ValueError, match="share_prefix='yes'"):
+        make_config(share_prefix="yes")
+
+
+def test_auto_shares_the_prefix_where_it_can_and_says_why_not(tiny, make_config) -> None:
+    from lorakit.train.batching import default_collate
+
+    runs = iter(range(10))
+
+    def rows_line(model, **kw) -> tuple[str, bool]:
+        lines: list[str] = []
+        collate = kw.pop("collate", default_collate)
+        config = make_config(steps=1, output_dir=f"{make_config().output_dir}-{next(runs)}", **kw)
+        trainer = Trainer(model, _with_prefix(tiny, 8), config, collate, log=lines.append)
+        trainer.train()
+        return next(line for line in lines if line.startswith("rows:")), trainer.share_prefix
+
+    model = tiny.llama()
+    lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
+    line, shared = rows_line(model)
+    assert shared and "shared prompt prefix computed once" in line
+    model = tiny.llama()
+    lk.apply(model, lk.ALoRAConfig(rank=4, alpha=8, invocation_tokens=[7]))
+    line, shared = rows_line(model)
+    assert not shared and "shared prefix off: adapter 'default' (ALoRAConfig): it activates" in line
+    model = tiny.llama()
+    lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
+    line, shared = rows_line(model, collate=lambda samples, pad: default_collate(samples, pad))
+    assert not shared and "a custom collate function" in line
+    line, shared = rows_line(model, kl_to_base=0.1)
+    assert not shared and "--kl-to-base reads padded rows" in line
 
 
 def _with_prefix(tiny, n: int, prefix: int = 12, seed: int = 0) -> list[dict]:
@@ -227,7 +262,7 @@ def test_a_shared_prefix_gives_the_padded_batch_loss_and_every_gradient(tiny, at
 
 def test_training_with_a_shared_prefix_equals_training_padded(tiny, make_config) -> None:
     results = []
-    for share in (False, True):
+    for share in ("off", "on"):
         model = tiny.llama()
         torch.manual_seed(0)
         lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
@@ -239,7 +274,7 @@ def test_training_with_a_shared_prefix_equals_training_padded(tiny, make_config)
         results.append((log, tiny.params_of(model)))
     (padded_log, padded), (shared_log, shared) = results
     for a, b in zip(padded_log, shared_log, strict=True):
-        assert a["loss_tokens"] == b["loss_tokens"] and b["tokens"] < a["tokens"]  # the prefix once
+        assert a["loss_tokens"] == b["loss_tokens"] and a["tokens"] == b["tokens"]  # the samples' tokens
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for name in padded:
         torch.testing.assert_close(shared[name], padded[name], rtol=1e-4, atol=1e-6)

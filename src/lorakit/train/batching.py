@@ -153,7 +153,7 @@ def shared_prefix_collate(samples: Sequence[Any], pad_id: int, capacity: int = 0
             at += n
         allowed[r, 0, range(at, width), range(at, width)] = True  # padding sees itself only (no NaN)
     return {"input_ids": ids, "attention_mask": real, "labels": labels, "position_ids": positions,
-            "attention_4d": allowed}  # fmt: skip
+            "attention_4d": allowed, "sample_tokens": torch.tensor(sum(rests) + shared * len(samples))}  # fmt: skip
 
 
 def model_mask(batch: dict[str, Tensor]) -> Tensor | None:
@@ -162,6 +162,14 @@ def model_mask(batch: dict[str, Tensor]) -> Tensor | None:
     if "attention_4d" in batch:
         return batch["attention_4d"]
     return None if "position_ids" in batch else batch["attention_mask"]
+
+
+def sample_tokens(batch: dict[str, Tensor]) -> int:
+    """The samples' own tokens in a micro-batch (a shared prefix counted once per sample, as the
+    samples hold it), whatever its layout."""
+    if "sample_tokens" in batch:
+        return int(batch["sample_tokens"])
+    return int(batch["attention_mask"].sum())
 
 
 def loss_token_count(labels: Tensor) -> int:
@@ -299,7 +307,10 @@ def _join_rows(pieces: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor
         if "position_ids" not in b:
             b["position_ids"] = (b["attention_mask"].cumsum(1) - 1).clamp(min=0)
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
-    out: dict[str, Tensor] = {"replay_rows": torch.cat([b["replay_rows"] for b in pieces])}
+    out: dict[str, Tensor] = {
+        "replay_rows": torch.cat([b["replay_rows"] for b in pieces]),
+        "sample_tokens": torch.tensor(sum(sample_tokens(b) for b in pieces)),
+    }
     for key in ("input_ids", "labels", "attention_mask", "position_ids"):
         parts = []
         for b in pieces:

@@ -43,6 +43,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 REPORT_TO = ("none", "tensorboard")
+SHARE_PREFIX = ("auto", "on", "off")
 
 
 @dataclass
@@ -136,12 +137,13 @@ class TrainConfig:
             "sample to the longest; 0 = off"
         ),
     )
-    share_prefix: bool = field(
-        default=False,
+    share_prefix: str = field(
+        default="auto",
         metadata=_help(
             "compute the prompt prefix a micro-batch's samples share (system prompt, instruction) once "
-            "per row, every sample's rest attending to it: the same loss and gradients, fewer tokens; "
-            "rows of up to --packing tokens (0: one row per micro-batch)"
+            "per row, every sample's rest attending to it: the same loss and gradients from fewer "
+            "tokens; rows of up to --packing tokens (0: one row per micro-batch). auto: on unless the "
+            "method, a custom collate or --kl-to-base rules it out (the run says which); on; off"
         ),
     )
     report_to: str = field(
@@ -199,8 +201,12 @@ class TrainConfig:
             p.append(f"kl_to_base={self.kl_to_base}; expected a weight >= 0")
         if self.packing < 0:
             p.append(f"packing={self.packing}; expected a row length in tokens, or 0 for off")
-        elif (self.packing or self.share_prefix) and self.kl_to_base:
-            p.append("packing or share_prefix with kl_to_base: the KL term's base pass reads padded rows")
+        elif self.packing and self.kl_to_base:
+            p.append("packing with kl_to_base: the KL term's base pass reads padded rows")
+        if self.share_prefix not in SHARE_PREFIX:
+            p.append(f"share_prefix={self.share_prefix!r}; expected one of {', '.join(SHARE_PREFIX)}")
+        elif self.share_prefix == "on" and self.kl_to_base:
+            p.append("share_prefix='on' with kl_to_base: the KL term's base pass reads padded rows")
         if self.optimizer not in ("adamw", "paged_adamw"):
             p.append(f"optimizer={self.optimizer!r}; expected adamw or paged_adamw")
         return p

@@ -40,6 +40,7 @@ from lorakit.train.batching import (
     loss_token_count,
     micro_batches,
     model_mask,
+    sample_tokens,
 )
 from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
 from lorakit.train.fast import prepare_for_training
@@ -142,10 +143,7 @@ class Trainer:
         self.fsdp = config.fsdp and self.world.enabled  # one process: nothing to shard
         if self.fsdp and (reason := fsdp.problem(model, config)):
             raise ValueError(f"--fsdp: {reason}")  # on every rank, before any collective
-        if (config.packing or config.share_prefix) and (
-            reason := _packing_problem(model, collate, config.share_prefix)
-        ):
-            raise ValueError(f"--{'share-prefix' if config.share_prefix else 'packing'}: {reason}")
+        self.share_prefix, self._rows_line = _rows_choice(model, collate, config)
         _check_master_dtype(self.trainable)
         self.optimizer = build_optimizer(groups, config, self.device)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -205,7 +203,7 @@ class Trainer:
             (self.replay.samples, self.replay_order.take(replayed)) if self.replay else None,
             shard=(self.world.rank, self.world.size),  # every rank draws the global batch, keeps its share
             packing=self.config.packing,
-            share_prefix=self.config.share_prefix,
+            share_prefix=self.share_prefix,
         )
         # the step's loss tokens over every rank: the loss is the mean over the global batch
         loss_tokens = int(distributed.all_sum([sum(loss_token_count(b["labels"]) for b in batches)])[0])
@@ -232,7 +230,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._call("on_step_end", step, self.config.steps)
-        tokens = int(distributed.all_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0])
+        tokens = int(distributed.all_sum([sum(sample_tokens(b) for b in batches)])[0])
         return {
             "step": step + 1,
             "loss": task_loss + sum(per_batch.values()) + sum(extras.values()),
@@ -428,6 +426,7 @@ class Trainer:
     def _prepare_model(self) -> None:
         self.model.train()
         self._say(self._precision_line)
+        self._say(self._rows_line)
         if self.config.fast_kernels:
             for line in prepare_for_training(
                 self.model,
@@ -706,6 +705,29 @@ def _kl_rows(batch: dict[str, Tensor]) -> Tensor:
 def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters a checkpoint saves: `named_parameters()` with requires_grad."""
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _rows_choice(model: nn.Module, collate: Collate, config: TrainConfig) -> tuple[bool, str]:
+    """Whether micro-batches are laid out around their shared prefix, and the run's line saying so;
+    an explicit request the run cannot honour (or packing it cannot) is an error."""
+    wanted = config.share_prefix
+    if config.packing and (reason := _packing_problem(model, collate, wanted == "on")):
+        raise ValueError(f"--packing: {reason}")
+    if wanted == "off":
+        return False, "rows: " + (
+            "packed" if config.packing else "one padded sample each"
+        ) + " (--share-prefix off)"
+    reason = _packing_problem(model, collate, True) or (
+        "--kl-to-base reads padded rows" if config.kl_to_base else None
+    )
+    if reason and wanted == "on":
+        raise ValueError(f"--share-prefix: {reason}")
+    if reason:
+        return False, f"rows: one padded sample each (shared prefix off: {reason})"
+    return True, (
+        "rows: each micro-batch's shared prompt prefix computed once, the samples' rests attending to it "
+        f"(--share-prefix {wanted}: the padded batch's loss and gradients from fewer tokens)"
+    )
 
 
 def _packing_problem(model: nn.Module, collate: Collate, explicit_mask: bool) -> str | None:
