@@ -77,22 +77,23 @@ def chunked_causal_lm_loss(
     count = int(keep.sum())
     if count == 0 and keep_rows is None:
         return torch.zeros((), device=input_ids.device), 0
+    positions = {} if position_ids is None else {"position_ids": position_ids}  # models without the argument
     decoder = getattr(model, "base_model", None)
     if not verify_head and isinstance(decoder, nn.Module) and decoder is not model:
         # the decoder alone: the head's own call (even on one position) would cast its whole
         # (vocab x hidden) weight under autocast and keep the copy until the loss returns
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **positions
         ).last_hidden_state
         head = output_head(model)
     else:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
             output_hidden_states=True,
             logits_to_keep=1,
             use_cache=False,
+            **positions,
         )
         hidden = out.hidden_states[-1]  # (B, T, H)
         head = output_head(model)
