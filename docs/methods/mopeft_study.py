@@ -381,8 +381,43 @@ def cost(out: Path, batch: int, steps: int = COST_STEPS) -> dict[str, Any]:
         }
     model, tokenizer = api_load(None)
     rows["base"] = {"ms_per_token": ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]}
+    for arm in COMBINATIONS:  # a merged combination is a plain LoRA folder
+        model, tokenizer = api_load(None)
+        tokenizer, _ = api.load_as_trained(model, tokenizer, out / "runs" / f"merge-{arm}")
+        rows[f"merge-{arm}"] = {
+            "ms_per_token": ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]
+        }
+    rows["router"] = router_latency(out)
     (out / "cost.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def router_latency(out: Path) -> dict[str, float]:
+    """A routed reply: the routing forward of the prompt (median of 3), then decoding under the
+    adapter it picks; per new token, the routing spread over LATENCY_TOKENS."""
+    import statistics
+
+    from lorakit.arena.latency import ms_per_token
+    from lorakit.bench.infer import PROMPT
+    from lorakit.core.model import weighted
+    from lorakit.routing import load_task_adapters, train_router
+    from lorakit.run import api_load
+
+    model, tokenizer = api_load(None)
+    runs = out / "runs"
+    adapters = {SHORT[t]: str(runs / f"task-{SHORT[t]}" / "adapter") for t in TASKS}
+    router = train_router(model, tokenizer, {SHORT[t]: train_prompts(t, 200) for t in TASKS}, adapters)
+    load_task_adapters(model, router)
+    prompt = [{"role": "user", "content": PROMPT}]
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        choice = router.choose(model, tokenizer, prompt)
+        times.append(1000 * (time.perf_counter() - started))
+    with weighted(model, choice):
+        decode = ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]
+    route = statistics.median(times)
+    return {"route_ms": route, "decode_ms_per_token": decode, "ms_per_token": decode + route / LATENCY_TOKENS}
 
 
 def main() -> None:
