@@ -151,6 +151,10 @@ def test_auto_shares_the_prefix_where_it_can_and_says_why_not(tiny, make_config)
     lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
     line, shared = rows_line(model)
     assert shared and "shared prompt prefix computed once" in line
+    from lorakit.data import collate  # `lorakit train`'s own padding collate shares too
+
+    _, shared = rows_line(model, collate=collate)
+    assert shared
     model = tiny.llama()
     lk.apply(model, lk.ALoRAConfig(rank=4, alpha=8, invocation_tokens=[7]))
     line, shared = rows_line(model)

@@ -84,3 +84,6 @@ def collate(samples: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+collate.pads_only = True  # type: ignore[attr-defined]  # plain right padding: train/batching.pads_only

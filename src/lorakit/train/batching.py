@@ -172,6 +172,15 @@ def sample_tokens(batch: dict[str, Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
+default_collate.pads_only = True  # type: ignore[attr-defined]  # see pads_only()
+
+
+def pads_only(collate: Collate) -> bool:
+    """A collate that only right-pads input_ids and labels (and builds the mask), marked with
+    `pads_only = True`: packed and shared-prefix rows can stand in for it."""
+    return bool(getattr(collate, "pads_only", False))
+
+
 def loss_token_count(labels: Tensor) -> int:
     """Tokens that contribute to the loss: a label at position 0 has no prediction, so skip it."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -40,6 +40,7 @@ from lorakit.train.batching import (
     loss_token_count,
     micro_batches,
     model_mask,
+    pads_only,
     sample_tokens,
 )
 from lorakit.train.config import TRAJECTORY_FIELDS, TrainConfig
@@ -732,7 +733,7 @@ def _rows_choice(model: nn.Module, collate: Collate, config: TrainConfig) -> tup
 
 def _packing_problem(model: nn.Module, collate: Collate, explicit_mask: bool) -> str | None:
     """Why packed rows would not train what padded rows train here, or None."""
-    if collate is not default_collate:
+    if not pads_only(collate):
         return "a custom collate function; packing builds its own rows from input_ids and labels"
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if explicit_mask and attention == "eager":
