@@ -123,6 +123,8 @@ def _score(adapter: Path, log: Path, model_path: str | None, limit: int) -> dict
 def run(
     out: Path, steps: int, lorakit_args: list[str], model_path: str | None, limit: int = 0
 ) -> dict[str, Any]:
+    import torch
+
     from lorakit.bench.report import machine_info
 
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,7 @@ def run(
     for arm in arms.values():
         arm["s_per_step"] = arm["train_seconds"] / arm["steps"]
     result = {
-        "machine": machine_info(),
+        "machine": machine_info(torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "steps": steps,
         "arms": arms,
