@@ -117,7 +117,7 @@ def _score(adapter: Path, log: Path, model_path: str | None, limit: int) -> dict
     _child(command, log)
     lines = log.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("{"))
-    return json.loads("\n".join(lines[start:]))
+    return json.loads("\n".join(lines[start:]))["model"]  # `lorakit eval --json`: {"base": ..., "model": ...}
 
 
 def run(
