@@ -29,6 +29,7 @@ adapter): OUT/cost.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -156,7 +157,7 @@ def score(
         groups = route(items) if route else [(None, list(range(len(items))))]
         correct, nll_sum, tokens = 0, 0.0, 0
         for choice, rows in groups:
-            with weighted(model, choice) if choice else _nothing():
+            with weighted(model, choice) if choice else contextlib.nullcontext():
                 if task in EXACT:
                     got = ev.exact_match(model, tokenizer, [items[i] for i in rows], score_exact_match,
                                          max_new_tokens=24, autocast_dtype=amp)  # fmt: skip
@@ -170,14 +171,6 @@ def score(
             result[task]["exact_match"] = correct / len(items)
     result["general_nll"] = ev.text_nll(model, tokenizer, texts, autocast_dtype=amp)["nll"]
     return result
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def gate_map(model: Any, tokenizer: Any) -> dict[str, dict[str, dict[str, float]]]:
@@ -225,7 +218,6 @@ def score_arms(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from lorakit import api
     from lorakit.arena.latency import ms_per_token
     from lorakit.data import general_texts
-    from lorakit.routing import load_task_adapters, train_router
     from lorakit.run import api_load
 
     runs, scores = out / "runs", out / "scores"
@@ -243,10 +235,7 @@ def score_arms(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"arm": arm}
         route = None
         if arm == "router":
-            adapters = {SHORT[t]: str(runs / f"task-{SHORT[t]}" / "adapter") for t in TASKS}
-            prompts = {SHORT[t]: train_prompts(t, 200) for t in TASKS}
-            router = train_router(model, tokenizer, prompts, adapters)
-            load_task_adapters(model, router)
+            router = task_router(model, tokenizer, runs)
             row["routing"] = {}
             for task in TASKS:
                 probs = router.probabilities(model, tokenizer, [it.messages for it in data[task][0]])
@@ -265,17 +254,8 @@ def score_arms(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
             folder = runs / arm / "adapter" if not arm.startswith("merge-") else runs / arm
             tokenizer, _ = api.load_as_trained(model, tokenizer, folder)
         row["scores"] = score(model, tokenizer, data, texts, route)
-        if arm == "router":  # a reply pays the routing forward of its prompt, then decodes as one adapter
-            from lorakit.bench.infer import PROMPT
-            from lorakit.core.model import weighted
-
-            started = time.perf_counter()
-            for _ in range(3):
-                choice = router.choose(model, tokenizer, [{"role": "user", "content": PROMPT}])
-            route_ms = 1000 * (time.perf_counter() - started) / 3
-            with weighted(model, choice):
-                decode = ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]
-            row["route_ms"], row["ms_per_token"] = route_ms, decode + route_ms / LATENCY_TOKENS
+        if arm == "router":
+            row.update(routed_latency(model, tokenizer, router))
         else:
             row["ms_per_token"] = ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]
         if arm.startswith("mixture"):
@@ -392,7 +372,18 @@ def cost(out: Path, batch: int, steps: int = COST_STEPS) -> dict[str, Any]:
     return rows
 
 
-def router_latency(out: Path) -> dict[str, float]:
+def task_router(model: Any, tokenizer: Any, runs: Path) -> Any:
+    """The router over the three task adapters, fitted on 200 training prompts of each task, with
+    the adapters loaded."""
+    from lorakit.routing import load_task_adapters, train_router
+
+    adapters = {SHORT[t]: str(runs / f"task-{SHORT[t]}" / "adapter") for t in TASKS}
+    router = train_router(model, tokenizer, {SHORT[t]: train_prompts(t, 200) for t in TASKS}, adapters)
+    load_task_adapters(model, router)
+    return router
+
+
+def routed_latency(model: Any, tokenizer: Any, router: Any) -> dict[str, float]:
     """A routed reply: the routing forward of the prompt (median of 3), then decoding under the
     adapter it picks; per new token, the routing spread over LATENCY_TOKENS."""
     import statistics
@@ -400,14 +391,7 @@ def router_latency(out: Path) -> dict[str, float]:
     from lorakit.arena.latency import ms_per_token
     from lorakit.bench.infer import PROMPT
     from lorakit.core.model import weighted
-    from lorakit.routing import load_task_adapters, train_router
-    from lorakit.run import api_load
 
-    model, tokenizer = api_load(None)
-    runs = out / "runs"
-    adapters = {SHORT[t]: str(runs / f"task-{SHORT[t]}" / "adapter") for t in TASKS}
-    router = train_router(model, tokenizer, {SHORT[t]: train_prompts(t, 200) for t in TASKS}, adapters)
-    load_task_adapters(model, router)
     prompt = [{"role": "user", "content": PROMPT}]
     times = []
     for _ in range(3):
@@ -418,6 +402,14 @@ def router_latency(out: Path) -> dict[str, float]:
         decode = ms_per_token(model, tokenizer, LATENCY_TOKENS)["ms_per_token"]
     route = statistics.median(times)
     return {"route_ms": route, "decode_ms_per_token": decode, "ms_per_token": decode + route / LATENCY_TOKENS}
+
+
+def router_latency(out: Path) -> dict[str, float]:
+    """`routed_latency` on a freshly loaded base model (the `--cost` pass)."""
+    from lorakit.run import api_load
+
+    model, tokenizer = api_load(None)
+    return routed_latency(model, tokenizer, task_router(model, tokenizer, out / "runs"))
 
 
 def main() -> None:

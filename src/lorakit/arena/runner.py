@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from lorakit.core.io import atomic_write_json
+from lorakit.core.io import atomic_write_json, run_child
 
 from .arms import Arm, resolve_arms
 
@@ -169,23 +167,6 @@ def _stamp() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def _run_child(command: list[str], log: Path) -> tuple[int, float, float]:
-    """Run a child with its output in `log`; (return code, wall seconds, its peak RSS in MB)."""
-    start = time.perf_counter()
-    with open(log, "a") as sink:
-        sink.write(f"$ {shlex.join(command)}\n")
-        sink.flush()
-        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        except BaseException:
-            child.kill()
-            child.wait()
-            raise
-        child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
-
-
 def _error(log: Path, code: int) -> str:
     """The error a failed child printed: its `error:` line (lorakit's one-line errors), else its last
     lines."""
@@ -207,7 +188,7 @@ def run_one(cfg: ArenaConfig, arm: Arm, seed: int, root: Path, sized: tuple[str,
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "run.log"
-    code, wall, peak = _run_child(train_command(cfg, arm, seed, folder, resume, sized), log)
+    code, wall, peak = run_child(train_command(cfg, arm, seed, folder, resume, sized), log)
     status: dict[str, Any] = {"arm": arm.name, "seed": seed, "args": [*arm.args, *sized], "wall_s": wall,
                               "peak_rss_mb": peak, "returncode": code, "resumed": resume, "finished": _stamp()}  # fmt: skip
     if code != 0 or not (folder / "metrics.json").is_file():
@@ -215,7 +196,7 @@ def run_one(cfg: ArenaConfig, arm: Arm, seed: int, root: Path, sized: tuple[str,
     else:
         adapter = folder / "adapter"
         status.update(status="done", adapter_bytes=folder_bytes(adapter) if adapter.is_dir() else None)
-        lat_code, lat_wall, _ = _run_child(latency_command(cfg, adapter, folder / "latency.json"), log)
+        lat_code, lat_wall, _ = run_child(latency_command(cfg, adapter, folder / "latency.json"), log)
         status["latency_wall_s"] = lat_wall
         if lat_code != 0:
             status["latency_error"] = _error(log, lat_code)
@@ -243,7 +224,7 @@ def run_arena(cfg: ArenaConfig, say: Any = print) -> dict[str, Any]:
     )
     base_latency = root / "base_latency.json"
     if not base_latency.is_file():
-        code, _, _ = _run_child(latency_command(cfg, None, base_latency), root / "base_latency.log")
+        code, _, _ = run_child(latency_command(cfg, None, base_latency), root / "base_latency.log")
         if code != 0:
             say(f"base latency: {_error(root / 'base_latency.log', code)}")
     todo = []

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,16 +25,15 @@ RANK, ALPHA = 16, 32
 
 
 def _child(command: list[str], log: Path) -> dict[str, Any]:
-    """Run a child to the end; its wall time and peak RSS (wait4's ru_maxrss, kB on Linux)."""
-    started = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    """Run a child to the end in a fresh `log`; its wall time and peak RSS."""
+    from lorakit.core.io import run_child
+
+    log.unlink(missing_ok=True)
+    code, wall, peak = run_child(command, log)
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
         raise SystemExit(f"{' '.join(command[:4])} ... failed ({code}); end of {log}:\n{tail}")
-    return {"wall_s": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"wall_s": wall, "peak_rss_mb": peak}
 
 
 def train_trl(out: Path, steps: int, model_path: str | None) -> None:

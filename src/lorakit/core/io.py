@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -110,3 +113,20 @@ def non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         for name, tensor in named
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
     ]
+
+
+def run_child(command: list[str], log: Path) -> tuple[int, float, float]:
+    """Run a child process with its output appended to `log` (after a "$ command" line); (return
+    code, wall seconds, its peak RSS in MB from wait4). An interrupt kills the child too."""
+    start = time.perf_counter()
+    with open(log, "a") as sink:
+        sink.write(f"$ {shlex.join(command)}\n")
+        sink.flush()
+        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024

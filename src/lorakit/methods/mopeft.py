@@ -248,32 +248,28 @@ class MixtureDelta(Delta):
         """Every expert of this layer, the prefix included."""
         return [*self.experts, *(["prefix"] if self.prefix is not None else [])]
 
-    def _route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Router logits (..., slots) -> (gates, probabilities, kept slots: None for sigmoid gates)."""
-        logits = logits.float()
+    def _route(self, x: Tensor, weight: Tensor, bias: Tensor, owner: Any) -> Tensor:
+        """Router input (..., in) -> gates (..., slots); in training, `owner.record` gets the
+        (probabilities, kept slots) a balancing loss needs (none for independent sigmoid gates)."""
+        logits = F.linear(_router_input(x, weight), weight, bias).float()
         if self.gate == "sigmoid":  # independent gates: nothing to keep or balance
             gates = torch.sigmoid(logits)
-            if self.pooling == "sequence_mean" and gates.dim() == 3:
-                gates = gates.mean(dim=1, keepdim=True).expand_as(gates)
-            return gates, gates, None
         else:
             probs = torch.softmax(logits, dim=-1)
             kept = torch.ones_like(probs)
             if self.gate == "topk":
                 k = min(self.top_k, probs.shape[-1])
                 kept = torch.zeros_like(probs).scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)
-        gates = probs * kept
+            gates = probs * kept
+            if self.training and torch.is_grad_enabled():
+                owner.record = (probs, kept)
         if self.pooling == "sequence_mean" and gates.dim() == 3:  # UniPELT: not causal (see docstring)
             gates = gates.mean(dim=1, keepdim=True).expand_as(gates)
-        return gates, probs, kept
+        return gates
 
     def gates(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., experts): each token's gate per expert acting on this layer's output."""
-        logits = F.linear(_router_input(x, self.router_weight), self.router_weight, self.router_bias)
-        gates, probs, kept = self._route(logits)
-        if kept is not None and self.training and torch.is_grad_enabled():
-            self.record = (probs, kept)
-        gates = gates[..., : len(self.experts)]
+        gates = self._route(x, self.router_weight, self.router_bias, self)[..., : len(self.experts)]
         if self.seen is not None:
             self.seen = gates
         return gates
@@ -282,13 +278,7 @@ class MixtureDelta(Delta):
         """(B, N, kv heads * head dim) value vectors -> (B, N, 1) gates of the prefix expert."""
         if self.forced is not None:
             return tokens.new_full((*tokens.shape[:-1], 1), self.forced.get("prefix", 0.0))
-        logits = F.linear(
-            _router_input(tokens, prefix.router_weight), prefix.router_weight, prefix.router_bias
-        )
-        gates, probs, kept = self._route(logits)
-        if kept is not None and self.training and torch.is_grad_enabled():
-            prefix.record = (probs, kept)
-        return gates[..., :1]
+        return self._route(tokens, prefix.router_weight, prefix.router_bias, prefix)[..., :1]
 
     def _check_prefix_ran(self) -> None:
         prefix = self.prefix

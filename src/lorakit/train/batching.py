@@ -59,6 +59,17 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _empty_rows(rows: int, width: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """input_ids (all padding), labels (all ignored), real-token mask and positions (all 0)."""
+    shape = (rows, width)
+    return (
+        torch.full(shape, pad_id, dtype=torch.long),
+        torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+        torch.zeros(shape, dtype=torch.long),
+        torch.zeros(shape, dtype=torch.long),
+    )
+
+
 def packed_collate(samples: Sequence[Any], pad_id: int, capacity: int) -> dict[str, Tensor]:
     """Several samples per row, back to back (`pack`), with `position_ids` restarting at 0 for each:
     given position ids, no attention mask and no cache (`use_cache=False`: with a cache transformers
@@ -70,10 +81,7 @@ def packed_collate(samples: Sequence[Any], pad_id: int, capacity: int) -> dict[s
     lengths = [len(field_of(s, "input_ids")) for s in samples]
     rows = pack(lengths, capacity)
     width = max(sum(lengths[i] for i in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, labels, mask, positions = _empty_rows(len(rows), width, pad_id)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -129,10 +137,7 @@ def shared_prefix_collate(samples: Sequence[Any], pad_id: int, capacity: int = 0
     rests = [len(field_of(s, "input_ids")) - shared for s in samples]
     rows = pack(rests, capacity - shared) if capacity else [list(range(len(samples)))]
     width = max(shared + sum(rests[i] for i in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    real = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, labels, real, positions = _empty_rows(len(rows), width, pad_id)
     allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     for r, row in enumerate(rows):
@@ -272,14 +277,12 @@ def micro_batches(
     if replay is not None:
         pool += [(replay[0], i, True) for i in replay[1]]
     pool.sort(key=lambda e: (len(field_of(e[0][e[1]], "input_ids")), e[2], e[1]))
+    layout = shared_prefix_collate if share_prefix else packed_collate if packing else None
+    rows = functools.partial(layout, capacity=packing) if layout else None
     batches = []
     for start in range(0, len(pool), micro_batch_size):
         part = pool[start : start + micro_batch_size]
-        if packing or share_prefix:
-            if share_prefix:
-                rows = functools.partial(shared_prefix_collate, capacity=packing)
-            else:
-                rows = functools.partial(packed_collate, capacity=packing)
+        if rows is not None:
             batches.append(_by_source(part, pad_id, rows, replay is not None))
             continue
         batch = collate([source[i] for source, i, _ in part], pad_id)

@@ -712,15 +712,19 @@ def _rows_choice(model: nn.Module, collate: Collate, config: TrainConfig) -> tup
     """Whether micro-batches are laid out around their shared prefix, and the run's line saying so;
     an explicit request the run cannot honour (or packing it cannot) is an error."""
     wanted = config.share_prefix
-    if config.packing and (reason := _packing_problem(model, collate, wanted == "on")):
+    reason = _packing_problem(model, collate)
+    if config.packing and reason:
         raise ValueError(f"--packing: {reason}")
     if wanted == "off":
         return False, "rows: " + (
             "packed" if config.packing else "one padded sample each"
         ) + " (--share-prefix off)"
-    reason = _packing_problem(model, collate, True) or (
-        "--kl-to-base reads padded rows" if config.kl_to_base else None
-    )
+    if reason is None and getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
+        reason = (
+            "eager attention adds a float mask; shared-prefix rows pass a boolean one: use sdpa or lorakit"
+        )
+    if reason is None and config.kl_to_base:
+        reason = "--kl-to-base reads padded rows"
     if reason and wanted == "on":
         raise ValueError(f"--share-prefix: {reason}")
     if reason:
@@ -731,13 +735,10 @@ def _rows_choice(model: nn.Module, collate: Collate, config: TrainConfig) -> tup
     )
 
 
-def _packing_problem(model: nn.Module, collate: Collate, explicit_mask: bool) -> str | None:
-    """Why packed rows would not train what padded rows train here, or None."""
+def _packing_problem(model: nn.Module, collate: Collate) -> str | None:
+    """Why packed or shared-prefix rows would not train what padded rows train here, or None."""
     if not pads_only(collate):
         return "a custom collate function; packing builds its own rows from input_ids and labels"
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if explicit_mask and attention == "eager":
-        return "eager attention adds a float mask; shared-prefix rows pass a boolean one: use sdpa or lorakit"
     for name, config in registry(model).configs.items():
         reason = getattr(type(config), "packing_problem", None)
         if reason:
