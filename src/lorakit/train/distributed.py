@@ -17,10 +17,14 @@ the ordinary trainer. What changes with N processes, and nothing else:
   adapter run inside DDP's forward; all but the last micro-batch run under `no_sync()`.
 - Rank 0 alone writes the log, the progress bar, checkpoints and the adapter, and evaluates; the
   others wait at a barrier. Every rank resumes from the same checkpoint folder.
+- A group lorakit joined is left at the process's exit (atexit): without `destroy_process_group`
+  gloo's worker threads outlive the interpreter and a rank may abort at exit ("terminate called
+  without an active exception", SIGABRT) after a run that succeeded.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -67,6 +71,13 @@ def join(world: World, device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=TIMEOUT)
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Destroy the process group while the interpreter is still whole (see the module's notes)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> World:

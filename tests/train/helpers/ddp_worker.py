@@ -4,13 +4,15 @@
     [--checkpointing] [--fsdp] [--eval-every K] [--compile]
 
 Trains a tiny Llama with METHOD (a key of CONFIGS) on fixed samples and writes, per rank,
-OUT/params-<rank>.pt (the trainable tensors at the end). `--stop-after K` raises after step K (an
+OUT/params-<rank>.pt (the trainable tensors at the end) and, at exit, OUT/left-<rank>.txt: whether
+the process group was already destroyed when the interpreter began to shut down. `--stop-after K` raises after step K (an
 interruption), after the checkpoint of that step. `--eval-every K` evaluates the loss of 4 fixed
 samples every K steps (rank 0 alone, as the trainer does); the values land in OUT/log.jsonl."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
 
@@ -69,6 +71,11 @@ CONFIGS = {
 }
 
 
+def _record_exit(out: str, rank: int) -> None:
+    with open(os.path.join(out, f"left-{rank}.txt"), "w") as f:
+        f.write("joined" if torch.distributed.is_initialized() else "left")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -85,6 +92,8 @@ def main() -> None:
     )
     parser.add_argument("--eval-every", type=int, default=0)
     args = parser.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    atexit.register(_record_exit, args.out, rank)  # registered first, so it runs after lorakit's
     torch.manual_seed(0)
     model = tiny_llama(0, vocab_size=VOCAB)
     lk.apply(model, CONFIGS[args.method]())
@@ -95,7 +104,6 @@ def main() -> None:
         eval_every=args.eval_every,
     )  # fmt: skip
     hooks = lk.training_hooks(model) + ([Stop(args.stop_after)] if args.stop_after else [])
-    rank = int(os.environ.get("RANK", "0"))
     try:
         Trainer(
             model, samples(32), config, hooks=hooks, eval_fn=held_out if args.eval_every else None
