@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lorakit.models import default_model_available, load_model, tiny_gpt2, tiny_llama, tiny_tokenizer
 from lorakit.train.evaluate import (
     answer_nll,
+    chat_prompt_ids,
     exact_match,
     generate_answers,
     next_token_kl,
@@ -181,3 +182,67 @@ def test_batched_generation_equals_unbatched_on_the_default_model() -> None:
     batched = generate_answers(model, tok, prompts, max_new_tokens=5, batch_size=4)
     alone = [generate_answers(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
     assert batched == alone and all(batched)
+
+
+SYSTEM = "You answer in one word. Think of the alphabet of the Greek letters and their order."
+
+
+def system_chat(i: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, *chat(i)]
+
+
+def _forward_rows(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """Records the (rows, tokens) of each forward's input_ids."""
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    return shapes
+
+
+def _sharp(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights x4: tiny random models otherwise answer every long prompt alike."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    return model.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(hidden_size=64), tiny_gpt2])
+def test_generation_from_a_shared_prefix_equals_unbatched(make) -> None:
+    model = _sharp(make())
+    prompts = [system_chat(i) for i in range(11)]  # lengths differ: rests padded inside a batch
+    shapes = _forward_rows(model)
+    shared = generate_answers(model, TOK, prompts, max_new_tokens=12, batch_size=4)
+    prefix = [e for e in shapes if e[0] == 1]
+    assert prefix and prefix[0][1] >= 8 and shapes[0] == prefix[0]  # the prefix ran once, alone, first
+    full = [len(chat_prompt_ids(TOK, p)) for p in prompts]
+    assert max(t for _, t in shapes[1:]) == max(full) - prefix[0][1]  # then only the prompts' rests
+    assert shared == [greedy_alone(model, p, 12) for p in prompts]
+    assert shared == generate_answers(
+        model, TOK, prompts, max_new_tokens=12, batch_size=4, share_prefix=False
+    )
+    assert len(set(shared)) > 1  # not one answer for every prompt
+
+
+def test_generation_from_a_shared_prefix_with_an_adapter_and_its_fallback() -> None:
+    import lorakit as lk
+
+    prompts = [system_chat(i) for i in range(6)]
+    model = _sharp(tiny_llama(hidden_size=64))
+    base = generate_answers(model, TOK, prompts, 10)
+    lk.apply(model, lk.LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapted = generate_answers(model, TOK, prompts, 10)
+    assert adapted != base  # the adapter changes the answers
+    assert adapted == [greedy_alone(model, p, 10) for p in prompts]
+    prompt = tiny_llama()
+    lk.apply(prompt, lk.PromptTuningConfig(num_virtual_tokens=4))  # virtual tokens go before each row
+    shapes = _forward_rows(prompt)
+    answers = generate_answers(prompt, TOK, prompts, 10)
+    assert all(rows == len(prompts) for rows, _ in shapes)  # no prefix forward: the padded path ran
+    assert answers == generate_answers(prompt, TOK, prompts, 10, share_prefix=False)

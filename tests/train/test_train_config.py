@@ -79,6 +79,14 @@ def test_the_precision_follows_the_cpu_kind(monkeypatch) -> None:
         assert chosen == dtype and says in line and optim.has_fast_bf16(cpu) == (dtype is not None)
         assert optim.precision_choice("fp32", cpu) == (None, "precision: fp32 (asked for)")
         assert optim.precision_choice("bf16", cpu)[0] == torch.bfloat16
+    # oneDNN limited to AVX2 on that AMX CPU (how an AVX2-only machine is emulated): fp32, and why
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    chosen, line = optim.precision_choice("auto", cpu)
+    assert chosen is None and "ONEDNN_MAX_CPU_ISA=AVX2" in line and "amx_bf16" in line
+    for limit, native in (("avx512_core", False), ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True),
+                          ("ALL", True), ("AVX2_VNNI_2", False), ("avx10_1_512_amx", True)):  # fmt: skip
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+        assert optim.has_fast_bf16(cpu) == native, limit
 
 
 def test_the_trainer_says_its_precision_first(tiny, make_config) -> None:

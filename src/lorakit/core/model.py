@@ -39,6 +39,17 @@ def registry(model: nn.Module) -> Registry:
     return reg
 
 
+def adapters_row_problem(model: nn.Module) -> str | None:
+    """Why an adapter on `model` would not compute a row laid out as several samples, or as a
+    shared prefix's cache plus a sample's rest, as it computes the sample alone (its config's
+    `packing_problem`: aLoRA's invocation search, virtual tokens before each row), or None."""
+    for name, config in registry(model).configs.items():
+        reason = getattr(type(config), "packing_problem", None)
+        if reason:
+            return f"adapter {name!r} ({type(config).__name__}): {reason}"
+    return None
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -91,6 +92,12 @@ def precision_choice(precision: str, device: torch.device) -> tuple[torch.dtype 
     if device.type != "cpu":
         return None, f"precision: fp32 (bf16 speed on {device.type} is not known to lorakit)"
     flags = cpu_bf16_flags(_cpuinfo(), torch.backends.cpu.get_cpu_capability())
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    if flags and not onednn_isa_has_bf16(limit):
+        return None, (
+            f"precision: fp32 (ONEDNN_MAX_CPU_ISA={limit} keeps oneDNN, which runs bf16 matmuls, off this "
+            f"CPU's {', '.join(flags)}: bf16 would be emulated; --precision bf16 forces it)"
+        )
     if flags:
         return (
             torch.bfloat16,
@@ -113,6 +120,18 @@ def cpu_bf16_flags(cpuinfo: str, capability: str) -> list[str]:
     if "AMX" in capability and "amx_bf16" not in found:
         found.append("amx_bf16")
     return found
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) at or above the first with native bf16 dot products
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512", "AVX10_2_512")
+
+
+def onednn_isa_has_bf16(limit: str) -> bool:
+    """Whether oneDNN may use native bf16 under ONEDNN_MAX_CPU_ISA=`limit` (unset or ALL: yes). The
+    variable is how a user, or lorakit's own benchmarks, run an AVX512 CPU as an AVX2-only one
+    (with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2)."""
+    limit = limit.strip().upper()
+    return limit in ("", "ALL", "DEFAULT") or limit.startswith(BF16_ISAS)
 
 
 def _cpuinfo() -> str:

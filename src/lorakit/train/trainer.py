@@ -27,7 +27,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lorakit.core.model import adapter_settings, disable_adapters, registry, training_hooks
+from lorakit.core.model import (
+    adapter_settings,
+    adapters_row_problem,
+    disable_adapters,
+    training_hooks,
+)
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed, fsdp
 from lorakit.train.batching import (
@@ -739,8 +744,4 @@ def _packing_problem(model: nn.Module, collate: Collate) -> str | None:
     """Why packed or shared-prefix rows would not train what padded rows train here, or None."""
     if not pads_only(collate):
         return "a custom collate function; packing builds its own rows from input_ids and labels"
-    for name, config in registry(model).configs.items():
-        reason = getattr(type(config), "packing_problem", None)
-        if reason:
-            return f"adapter {name!r} ({type(config).__name__}): {reason}"
-    return None
+    return adapters_row_problem(model)
