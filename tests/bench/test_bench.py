@@ -310,3 +310,24 @@ def test_task_cases_lay_out_the_same_batches_and_agree_on_the_loss(tmp_path: Pat
         assert cases[name]["losses"][0] == pytest.approx(first, rel=1e-4)
     if HAS_PEFT:  # PEFT averages per micro-batch: another mean of the same token losses
         assert cases["peft_lora_task_fp32"]["losses"][0] == pytest.approx(first, rel=0.05)
+
+
+def test_scaling_cases_pair_with_peft_and_the_random_llamas_have_their_sizes() -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lorakit.bench.build import RANDOM_LLAMAS, random_llama_config
+    from lorakit.bench.cases import RATIOS, SCALING_LENGTHS, SCALING_TRAIN_CASES
+
+    ratios = set(RATIOS["train"])
+    for n in SCALING_LENGTHS:
+        ours, theirs = find_case(f"lora_seq{n}_fp32"), find_case(f"peft_lora_seq{n}_fp32")
+        assert (ours.seq, ours.library, theirs.seq, theirs.library) == (n, "lorakit", n, "peft")
+        assert (ours.name, theirs.name) in ratios
+    assert all(find_case(n).extra for n in SCALING_TRAIN_CASES)  # never in the default run
+    sizes = {}
+    for name in RANDOM_LLAMAS:
+        with torch.device("meta"):  # the shapes alone
+            model = LlamaForCausalLM(random_llama_config(name, 49152))
+        sizes[name] = sum(p.numel() for p in model.parameters()) / 1e6
+    assert 340 < sizes["random-360m"] < 380 and 950 < sizes["random-1b"] < 1200, sizes

@@ -34,7 +34,39 @@ def load(model: str | None, case: Case | None = None) -> tuple[nn.Module, Any]:
         from lorakit.models import tiny_llama, tiny_tokenizer
 
         return tiny_llama(), tiny_tokenizer()
+    if model in RANDOM_LLAMAS:
+        return random_llama(model)
     return lk.load_model(model)
+
+
+# Llamas of other sizes with random weights (speed and memory only: nothing to download), the
+# default model's vocabulary and tokenizer: SmolLM2-360M's shape, and TinyLlama-1.1B's layers.
+RANDOM_LLAMAS: dict[str, dict[str, int]] = {
+    "random-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                        num_attention_heads=15, num_key_value_heads=5),
+    "random-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4),
+}  # fmt: skip
+
+
+def random_llama(name: str) -> tuple[nn.Module, Any]:
+    """One of RANDOM_LLAMAS, seeded, with the default model's tokenizer (and so its vocabulary)."""
+    from transformers import LlamaForCausalLM
+
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(SEED)
+    return LlamaForCausalLM(random_llama_config(name, len(tokenizer))).eval(), tokenizer
+
+
+def random_llama_config(name: str, vocab_size: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=8192, tie_word_embeddings=True,
+        rope_theta=100000.0, rms_norm_eps=1e-5, **RANDOM_LLAMAS[name],
+    )  # fmt: skip
 
 
 def _load_bnb_4bit(model: str | None) -> tuple[nn.Module, Any]:

@@ -16,6 +16,7 @@ Adapter = Literal["none", "unmerged", "merged", "merged_unloaded"]
 SUITES = ("infer", "train", "quant")
 QUANTUM_METHODS = ("quantum_k8_l2", "quantum_k16_l2", "quantum_k8_l4", "lora_r1")  # see build.SCHOOLS
 LONG_LENGTHS = (1024, 2048, 4096, 8192)
+SCALING_LENGTHS = (256, 512, 1024, 2048, 4096)  # issue 26: step time and memory against length
 RANK, ALPHA = 16, 32
 FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
 NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
@@ -175,6 +176,15 @@ CASES: tuple[Case, ...] = (
             ("peft_lora_task", "peft", "model", "padded"),
         )
     ),
+    # scaling with the work (issue 26): one row of N tokens, LoRA on every linear layer, lorakit's
+    # step against PEFT's; `--cases` with SCALING_TRAIN_CASES (model size: the 4 x 256 cases with
+    # `--model random-360m` / `random-1b`)
+    *(
+        Case(f"{prefix}lora_seq{n}_{dtype}", "train", library, "unmerged", dtype, loss, extra=True, seq=n)
+        for dtype in ("fp32", "bf16")
+        for n in SCALING_LENGTHS
+        for prefix, library, loss in (("", "lorakit", "chunked"), ("peft_", "peft", "model"))
+    ),
     Case("nf4", "quant", "lorakit"),
     Case("bnb_nf4", "quant", "bitsandbytes"),
 )
@@ -244,6 +254,7 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_task_shared_fp32", "peft_lora_task_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
+        *((f"lora_seq{n}_{d}", f"peft_lora_seq{n}_{d}") for d in ("fp32", "bf16") for n in SCALING_LENGTHS),
     ),
     "quant": (("nf4", "bnb_nf4"),),
 }
@@ -306,6 +317,9 @@ TASK_TRAIN_CASES = tuple(
     f"{name}_{dtype}"
     for dtype in ("fp32", "bf16")
     for name in ("lora_task", "lora_task_packed", "lora_task_shared", "peft_lora_task")
+)
+SCALING_TRAIN_CASES = tuple(
+    f"{p}lora_seq{n}_{d}" for d in ("fp32", "bf16") for n in SCALING_LENGTHS for p in ("", "peft_")
 )
 LONG_TRAIN_CASES = tuple(f"lora_qkvo_{k}_{n}" for n in LONG_LENGTHS for k in ("sdpa", "kernel", "s2"))
 

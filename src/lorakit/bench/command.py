@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="a local Hugging Face folder, or 'tiny' (default: SmolLM2-135M-Instruct)",
+        help="a local Hugging Face folder, 'tiny', or a random-weight Llama: 'random-360m', 'random-1b' (default: SmolLM2-135M-Instruct)",
     )
     parser.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown")
     parser.add_argument(

@@ -36,7 +36,7 @@ def _header(report: dict[str, Any]) -> str:
         f"per case, each case in its own process, {m['threads']} torch threads, "
         f"OMP_WAIT_POLICY={s.get('omp_wait_policy')}"
         f"{_jobs_note(s.get('jobs', 1))}.\n"
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gb']} GB; "
+        f"Machine: {m['cpu']}{_flags(m)}, {m['logical_cpus']} logical CPUs, {m['memory_gb']} GB; "
         f"1-min load average {load}. {versions}."
     )
 
@@ -196,3 +196,14 @@ def _steps_note(settings: dict[str, Any]) -> str:
 
 def _jobs_note(jobs: int) -> str:
     return f", {jobs} cases at once (a smoke test: these timings disturb each other)" if jobs > 1 else ""
+
+
+def _flags(machine: dict[str, Any]) -> str:
+    """The CPU's speed flags, and any limit on the instruction sets the run was allowed (older
+    reports have neither)."""
+    out = f" ({' '.join(machine['cpu_flags'])})" if machine.get("cpu_flags") else ""
+    limits = machine.get("isa_limits")
+    if limits:
+        out += "; **instruction sets limited**: " + ", ".join(f"{k}={v}" for k, v in limits.items())
+        out += f" (torch dispatch: {machine.get('torch_cpu_capability')})"
+    return out

@@ -15,6 +15,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .cases import NOISE_FLOOR, SAME_OUTPUT
 from .markdown import render
 from .rounds import Results, combine_case, round_ratios
@@ -23,6 +25,10 @@ from .rounds import Results, combine_case, round_ratios
 def machine_info(threads: int) -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": _speed_flags(),
+        # set when an AVX512 CPU is run as an AVX2-only one (docs/benchmarks.md); children inherit them
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cpus": os.cpu_count(),
         "memory_gb": _memory_gb(),
         "threads": threads,
@@ -97,6 +103,18 @@ def write_report(report: dict[str, Any], out_dir: Path, suite: str) -> dict[str,
     (out_dir / "latest.json").write_text(text)
     (out_dir / "latest.md").write_text(markdown)
     return files
+
+
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _speed_flags() -> list[str]:
+    """The CPU's /proc/cpuinfo flags that decide matmul speed and the precision lorakit picks."""
+    from lorakit.train.optim import _cpuinfo
+
+    present = set(_cpuinfo().split())
+    return [f for f in SPEED_FLAGS if f in present]
 
 
 def _cpu_model() -> str:
