@@ -53,6 +53,14 @@ def _cases(report: Path) -> dict:
     return json.loads(report.read_text())["suites"]["train"]["cases"] if report.exists() else {}
 
 
+def _draw(row, points: list, style: str, label: str) -> None:  # noqa: ANN001 (matplotlib axes)
+    """One library's step time (left) and peak RSS (right) over (x, case) points."""
+    if points:
+        xs = [x for x, _ in points]
+        row[0].plot(xs, [c["step"]["median_s"] for _, c in points], style, label=label)
+        row[1].plot(xs, [c["peak_rss_mb"] / 1024 for _, c in points], style, label=label)
+
+
 def plot(_: argparse.Namespace) -> None:
     import matplotlib
 
@@ -69,27 +77,13 @@ def plot(_: argparse.Namespace) -> None:
             dtype = kind.split("-")[0]
             points = [(n, seq.get(f"{prefix}lora_seq{n}_{dtype}")) for n in LENGTHS]
             points = [(n, c) for n, c in points if c and "error" not in c]
-            if points:
-                xs = [n for n, _ in points]
-                axes[0][0].plot(
-                    xs, [c["step"]["median_s"] for _, c in points], style, label=f"{library} {kind}"
-                )
-                axes[0][1].plot(
-                    xs, [c["peak_rss_mb"] / 1024 for _, c in points], style, label=f"{library} {kind}"
-                )
+            _draw(axes[0], points, style, f"{library} {kind}")
             sizes = []
             for label, _, millions in MODELS:
                 case = _cases(HERE / kind / f"size-{label}" / "latest.json").get(f"{prefix}lora_{dtype}")
                 if case and "error" not in case:
                     sizes.append((millions, case))
-            if sizes:
-                xs = [m for m, _ in sizes]
-                axes[1][0].plot(
-                    xs, [c["step"]["median_s"] for _, c in sizes], style, label=f"{library} {kind}"
-                )
-                axes[1][1].plot(
-                    xs, [c["peak_rss_mb"] / 1024 for _, c in sizes], style, label=f"{library} {kind}"
-                )
+            _draw(axes[1], sizes, style, f"{library} {kind}")
     titles = (
         ("train step (s), one row of N tokens, SmolLM2-135M", "peak RSS (GiB), one row of N tokens"),
         ("train step (s), 4 x 256 tokens, by model size", "peak RSS (GiB), 4 x 256 tokens"),

@@ -105,13 +105,17 @@ def shared_prefix_length(samples: Sequence[Any]) -> int:
     computed once for all the samples, so none of them may carry one sample's loss. At least one
     token of each sample stays outside it."""
     ids = [field_of(s, "input_ids") for s in samples]
-    first = ids[0]
     limit = min(len(x) for x in ids) - 1
     for sample in samples:
         labels = field_of(sample, "labels")
         labelled = next((j for j in range(1, len(labels)) if labels[j] != IGNORE_INDEX), len(labels))
         limit = min(limit, labelled - 1)
-    n = 0
+    return common_prefix_length(ids, limit)
+
+
+def common_prefix_length(ids: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all of `ids` share, at most `limit`."""
+    first, n = ids[0], 0
     while n < limit and all(x[n] == first[n] for x in ids):
         n += 1
     return n

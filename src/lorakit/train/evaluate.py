@@ -27,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from ..core.kvcache import cache_argument, output_cache
 from ..core.model import adapters_row_problem
+from .batching import common_prefix_length
 
 Messages = list[dict[str, str]]
 IGNORE = -100
@@ -76,7 +77,8 @@ def generate_answers(
     """
     encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
     eos = _eos_ids(model, tokenizer)
-    prefix = common_prefix_length(encoded)
+    # every prompt keeps a token after the prefix: the first answer token is read from its logits
+    prefix = common_prefix_length(encoded, min(len(e) for e in encoded) - 1)
     if share_prefix and prefix >= MIN_SHARED_PREFIX and shared_prefix_problem(model) is None:
         with torch.inference_mode(), _autocast(model, autocast_dtype):
             out = _greedy_shared_prefix(
@@ -106,16 +108,6 @@ def generate_answers(
 
 
 MIN_SHARED_PREFIX = 8  # below this, computing it apart costs more forwards than it saves
-
-
-def common_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
-    """The tokens every prompt starts with, leaving at least one of each prompt after them (the
-    first answer token is read from the logits of a prompt's last token)."""
-    first, limit = encoded[0], min(len(e) for e in encoded) - 1
-    n = 0
-    while n < limit and all(e[n] == first[n] for e in encoded):
-        n += 1
-    return n
 
 
 def shared_prefix_problem(model: nn.Module) -> str | None:
