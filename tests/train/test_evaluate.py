@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorakit.data.tasks import cannot_match, score_exact_match
 from lorakit.models import default_model_available, load_model, tiny_gpt2, tiny_llama, tiny_tokenizer
 from lorakit.train.evaluate import (
     answer_nll,
@@ -108,6 +109,34 @@ def test_answer_nll_equals_full_logits_cross_entropy() -> None:
     assert got["nll"] == pytest.approx(total / count, rel=1e-5)
     as_objects = [SimpleNamespace(**s) for s in samples]
     assert answer_nll(model, as_objects, batch_size=3)["nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(bias=True), tiny_gpt2])
+def test_answer_nll_from_a_shared_prefix_equals_one_by_one(make) -> None:
+    model = _sharp(make())
+    head = [random.Random(1).randrange(256) for _ in range(12)]  # a prompt prefix every sample shares
+    samples = [
+        {"input_ids": head + s["input_ids"], "labels": [-100] * 12 + s["labels"]} for s in encoded_samples(9)
+    ]
+    total, count = 0.0, 0
+    for s in samples:
+        ids, labels = torch.tensor([s["input_ids"]]), torch.tensor([s["labels"]])
+        total += F.cross_entropy(model(ids).logits[0, :-1], labels[0, 1:], reduction="sum").item()
+        count += int((labels[0, 1:] != -100).sum())
+    shapes = _forward_rows(model)
+    got = answer_nll(model, samples, batch_size=4)
+    assert [rows for rows, _ in shapes] == [1, 1, 1]  # one row per batch: the prefix, then the rests
+    assert (
+        sum(t for _, t in shapes) == sum(len(s["input_ids"]) for s in samples) - 6 * 12
+    )  # prefix 3x, not 9x
+    assert got["tokens"] == count and got["nll"] == pytest.approx(total / count, rel=1e-5)
+    assert answer_nll(model, samples, batch_size=4, share_prefix=False)["nll"] == pytest.approx(
+        got["nll"], rel=1e-5
+    )
+    model.set_attn_implementation("eager")  # takes no boolean 4-D mask: padded batches instead
+    shapes.clear()
+    assert answer_nll(model, samples, batch_size=4)["nll"] == pytest.approx(got["nll"], rel=1e-5)
+    assert [rows for rows, _ in shapes] == [4, 4, 1]
 
 
 def test_answer_nll_uses_the_callers_collate() -> None:
@@ -246,3 +275,76 @@ def test_generation_from_a_shared_prefix_with_an_adapter_and_its_fallback() -> N
     answers = generate_answers(prompt, TOK, prompts, 10)
     assert all(rows == len(prompts) for rows, _ in shapes)  # no prefix forward: the padded path ran
     assert answers == generate_answers(prompt, TOK, prompts, 10, share_prefix=False)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_settled_rows_stop_early_and_leave_the_others_unchanged(share_prefix: bool) -> None:
+    model = _sharp(tiny_llama(hidden_size=64))
+    prompts = [system_chat(i) for i in range(10)]
+    whole = generate_answers(model, TOK, prompts, 12, batch_size=4, share_prefix=share_prefix)
+    assert len(set(whole)) > 1 and all(len(a) > 8 for a in whole)
+    # odd prompts are settled once their answer has 2 characters: they stop, their batch goes on
+    settled = [(lambda text: len(text) >= 2) if i % 2 else None for i in range(len(prompts))]
+    shapes = _forward_rows(model)
+    early = generate_answers(
+        model, TOK, prompts, 12, batch_size=4, share_prefix=share_prefix, settled=settled
+    )
+    for i, (a, b) in enumerate(zip(whole, early, strict=True)):
+        if i % 2:
+            assert len(b) >= 2 and whole[i].startswith(b) and len(b) < len(a)  # a prefix of the answer
+        else:
+            assert b == a  # rows still going decode exactly as in the whole run
+    if share_prefix:  # settled rows left the batch: later forwards have fewer rows
+        assert min(rows for rows, _ in shapes[1:]) < 4
+
+
+def test_exact_match_stops_answers_that_cannot_match_and_scores_the_same() -> None:
+    model = _sharp(tiny_llama(hidden_size=64))
+    prompts = [system_chat(i) for i in range(10)]
+    answers = generate_answers(model, TOK, prompts, 12)
+    # references: half the answers themselves (matches), half something else (cannot match)
+    refs = [a if i % 2 == 0 else "zz " + a for i, a in enumerate(answers)]
+    items = [SimpleNamespace(messages=p, reference=r) for p, r in zip(prompts, refs, strict=True)]
+    plain = exact_match(
+        model, TOK, items, lambda p, r: score_exact_match(p, r), n_examples=3, max_new_tokens=12
+    )
+    shapes = _forward_rows(model)
+    early = exact_match(model, TOK, items, score_exact_match, n_examples=3, max_new_tokens=12)
+    assert early["correct"] == plain["correct"] == 5
+    assert early["examples"] == plain["examples"]  # the shown answers are generated whole
+    assert sum(rows for rows, _ in shapes) < sum(len(prompts) for _ in range(12))  # fewer row-steps
+
+
+@pytest.mark.parametrize(
+    ("partial", "reference", "decided"),
+    [
+        ("", "Diseases of the skin", False),
+        ("Dis", "Diseases of the skin", False),
+        ("diseases OF the", "Diseases of the skin", False),
+        ("Diseases of the skin", "Diseases of the skin", False),
+        ("Diseases of the skin.", "Diseases of the skin", False),
+        ("Diseases of the skin .", "Diseases of the skin.", False),
+        ("Diseases of the skin ", "Diseases of the skin", False),
+        ("Diseases of the skin,", "Diseases of the skin", True),
+        ("Diseases of the skin..", "Diseases of the skin", True),
+        ("Diseases of the skins", "Diseases of the skin", True),
+        ("The answer", "Diseases of the skin", True),
+        ("Dis\ufffd", "Diseases of the skin", False),  # a token that ends inside a UTF-8 sequence waits
+        ("Diseases of the skin and", "Diseases of the skin", True),
+    ],
+)
+def test_cannot_match(partial: str, reference: str, decided: bool) -> None:
+    assert cannot_match(partial, reference) is decided
+
+
+def test_cannot_match_never_gives_up_on_a_text_that_matches() -> None:
+    rng = random.Random(0)
+    pieces = ["Dis", "eases", " of", " the", " ", ".", "  ", "Skin", "SKIN", "\n", "ß", "ss"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        reference = text.strip() if rng.random() < 0.5 else text.strip().rstrip(".") + "."
+        if not score_exact_match(text, reference):
+            continue
+        for cut in range(len(text) + 1):  # every prefix of a matching text, spaces dropped or not
+            assert not cannot_match(text[:cut], reference)
+            assert not cannot_match(text[:cut].replace(" ", "", 1), reference) or " " not in text[:cut]

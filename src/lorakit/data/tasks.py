@@ -58,6 +58,20 @@ def score_exact_match(prediction: str, reference: str) -> bool:
     return _normalise(prediction) == _normalise(reference)
 
 
+def cannot_match(partial: str, reference: str) -> bool:
+    """Whether no continuation of a partly generated answer can exact-match `reference`, so its
+    generation may stop (evaluation's early exit; `score_exact_match.decided`). Compared with
+    whitespace removed: decoding more tokens can take a space away from earlier text (tokenizers'
+    cleanup before punctuation), never add a character, so this never stops a row that could still
+    match. A trailing replacement character (a token that ends inside a UTF-8 sequence) waits."""
+    text = "".join(partial.rstrip("\ufffd").casefold().split())
+    target = "".join(_normalise(reference).split()) + "."
+    return not target.startswith(text)
+
+
+score_exact_match.decided = cannot_match  # type: ignore[attr-defined]  # see lorakit.train.evaluate.exact_match
+
+
 def _normalise(text: str) -> str:
     text = text.strip().casefold()
     return text[:-1].rstrip() if text.endswith(".") else text

@@ -165,6 +165,13 @@ def shared_prefix_collate(samples: Sequence[Any], pad_id: int, capacity: int = 0
             "attention_4d": allowed, "sample_tokens": torch.tensor(sum(rests) + shared * len(samples))}  # fmt: skip
 
 
+def bool_mask_problem(model: Any) -> str | None:
+    """Why the model cannot take a laid-out batch's boolean 4-D mask (`attention_4d`), or None."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
+        return "eager attention adds a float mask; shared-prefix rows pass a boolean one: use sdpa or lorakit"
+    return None
+
+
 def model_mask(batch: dict[str, Tensor]) -> Tensor | None:
     """The attention mask the model gets: a laid-out micro-batch's own 4-D mask; none for packed rows
     (transformers builds it from where the positions restart); the padding mask otherwise."""

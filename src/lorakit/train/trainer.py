@@ -39,6 +39,7 @@ from lorakit.train.batching import (
     Collate,
     Replay,
     SampleOrder,
+    bool_mask_problem,
     check_has_loss_tokens,
     default_collate,
     fingerprint,
@@ -724,10 +725,8 @@ def _rows_choice(model: nn.Module, collate: Collate, config: TrainConfig) -> tup
         return False, "rows: " + (
             "packed" if config.packing else "one padded sample each"
         ) + " (--share-prefix off)"
-    if reason is None and getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
-        reason = (
-            "eager attention adds a float mask; shared-prefix rows pass a boolean one: use sdpa or lorakit"
-        )
+    if reason is None:
+        reason = bool_mask_problem(model)
     if reason is None and config.kl_to_base:
         reason = "--kl-to-base reads padded rows"
     if reason and wanted == "on":
