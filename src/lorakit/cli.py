@@ -82,9 +82,24 @@ def _run_fields() -> list[str]:
 def cmd_train(args: argparse.Namespace) -> None:
     from .options import split_options
     from .run import train_run
+    from .train import distributed
 
-    run, train = split_options(_options(args, _run_fields()))
+    values, line = _recipe(_options(args, _run_fields()))
+    run, train = split_options(values)
+    if line and distributed.World.from_env().main:  # the run's first line (rank 0 of a launch)
+        print(line)
     train_run(run, train)
+
+
+def _recipe(values: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """`lorakit train`'s recipe for this machine (lorakit.recipe) and the line saying why."""
+    import torch
+
+    from .recipe import choose_recipe
+    from .train.optim import precision_choice
+
+    fp32 = precision_choice(values.get("precision", "auto"), torch.device("cpu"))[0] is None
+    return choose_recipe(values, fp32)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

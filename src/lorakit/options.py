@@ -33,6 +33,14 @@ class RunConfig:
         default="lora",
         metadata=_help("the PEFT method: " + ", ".join(METHODS) + " (each sets its own default --lr)"),
     )
+    recipe: str = field(
+        default="auto",
+        metadata=_help(
+            "auto: on a CPU without native bf16 (training in fp32) LoRA's default run is the light "
+            "recipe (100 steps at lr 2e-3, about two thirds of the standard run's time), elsewhere the "
+            "standard one; standard; light (lorakit.recipe)"
+        ),
+    )
     rank: int = field(default=16, metadata=_help("LoRA rank r"))
     alpha: float = field(
         default=32.0,

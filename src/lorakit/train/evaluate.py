@@ -362,6 +362,11 @@ def _text_blocks(
             break
     n_blocks = min(len(ids), max_tokens) // block
     if n_blocks == 0:
+        if max_tokens < block:  # `lorakit train --general-tokens 128`: the budget, not the text
+            raise ValueError(
+                f"max_tokens={max_tokens} (lorakit train --general-tokens) is less than one block of {block} "
+                f"tokens; pass at least {block}"
+            )
         raise ValueError(
             f"text_nll got {len(ids)} tokens of text, fewer than one block of {block}; "
             "pass more text or a smaller block"
