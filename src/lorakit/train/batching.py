@@ -290,11 +290,12 @@ def micro_batches(
     pool.sort(key=lambda e: (len(field_of(e[0][e[1]], "input_ids")), e[2], e[1]))
     layout = shared_prefix_collate if share_prefix else packed_collate if packing else None
     rows = functools.partial(layout, capacity=packing) if layout else None
+    side_by_side = share_prefix and not packing  # one row per source: both sources in one row
     batches = []
     for start in range(0, len(pool), micro_batch_size):
         part = pool[start : start + micro_batch_size]
         if rows is not None:
-            batches.append(_by_source(part, pad_id, rows, replay is not None))
+            batches.append(_by_source(part, pad_id, rows, replay is not None, side_by_side))
             continue
         batch = collate([source[i] for source, i, _ in part], pad_id)
         if replay is not None:
@@ -305,10 +306,16 @@ def micro_batches(
 
 
 def _by_source(
-    part: list[tuple[Sequence[Any], int, bool]], pad_id: int, rows: Collate, flag: bool
+    part: list[tuple[Sequence[Any], int, bool]],
+    pad_id: int,
+    rows: Collate,
+    flag: bool,
+    side_by_side: bool = False,
 ) -> dict[str, Tensor]:
     """One micro-batch whose rows (from `rows(samples, pad_id)`) each hold one source's samples
-    (task or replay), the sources' rows joined at the width of the widest."""
+    (task or replay), the sources' rows joined at the width of the widest; with `side_by_side`,
+    where each source made one row, the two rows are put end to end in one row instead
+    (`_end_to_end`: no padding, and `replay_tokens` marks which source each position is)."""
     pieces = []
     for replayed in (False, True):
         group = [source[i] for source, i, is_replay in part if is_replay == replayed]
@@ -316,19 +323,58 @@ def _by_source(
             batch = rows(group, pad_id)
             batch["replay_rows"] = torch.full((batch["input_ids"].shape[0],), replayed)
             pieces.append(batch)
-    out = pieces[0] if len(pieces) == 1 else _join_rows(pieces, pad_id)
+    if len(pieces) == 1:
+        out = pieces[0]
+    elif side_by_side and all(b["input_ids"].shape[0] == 1 for b in pieces):
+        out = _end_to_end(pieces)
+    else:
+        out = _join_rows(pieces, pad_id)
     if not flag:
         out.pop("replay_rows")
     return out
+
+
+def _end_to_end(pieces: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One-row batches put end to end in one row: a block-diagonal 4-D mask keeps each piece's own
+    (so nothing attends across pieces) and each keeps its positions, so every token sees what it
+    saw in its piece's row, without the padding a shorter row would get to join a wider one. The
+    label at each piece's first position is dropped, as in its own row (where nothing predicts it;
+    here the previous piece's last position would)."""
+    widths = [b["input_ids"].shape[1] for b in pieces]
+    width = sum(widths)
+    mask = torch.zeros(1, 1, width, width, dtype=torch.bool)
+    labels = torch.cat([b["labels"] for b in pieces], 1)
+    at = 0
+    for b, n in zip(pieces, widths, strict=True):
+        mask[:, :, at : at + n, at : at + n] = _mask_4d(_with_positions(b), n)
+        labels[:, at] = IGNORE_INDEX
+        at += n
+    return {
+        "input_ids": torch.cat([b["input_ids"] for b in pieces], 1),
+        "labels": labels,
+        "attention_mask": torch.cat([b["attention_mask"] for b in pieces], 1),
+        "position_ids": torch.cat([_with_positions(b)["position_ids"] for b in pieces], 1),
+        "attention_4d": mask,
+        "replay_rows": torch.tensor([bool(pieces[-1]["replay_rows"].any())]),  # the row holds replay
+        "replay_tokens": torch.cat(
+            [b["replay_rows"][:, None].expand(-1, n) for b, n in zip(pieces, widths, strict=True)], 1
+        ),
+        "sample_tokens": torch.tensor(sum(sample_tokens(b) for b in pieces)),
+    }
+
+
+def _with_positions(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch with position_ids (a padded batch's: counting its real tokens)."""
+    if "position_ids" in batch:
+        return batch
+    return {**batch, "position_ids": (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)}
 
 
 def _join_rows(pieces: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
     """Stack row sets of different widths, each padded on the right (padding positions go on from
     the row's last; under an explicit 4-D mask padding sees only itself)."""
     width = max(b["input_ids"].shape[1] for b in pieces)
-    for b in pieces:  # padded rows (no shared prefix) beside laid-out ones: positions of their own
-        if "position_ids" not in b:
-            b["position_ids"] = (b["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    pieces = [_with_positions(b) for b in pieces]  # padded rows beside laid-out ones: positions of their own
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
     out: dict[str, Tensor] = {
         "replay_rows": torch.cat([b["replay_rows"] for b in pieces]),

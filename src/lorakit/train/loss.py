@@ -65,8 +65,9 @@ def chunked_causal_lm_loss(
     `keep_rows` (B, T) bool: also return the final hidden states at those positions, (N, H), from
     the same forward (the KL-to-base term reads them; `kl_to_reference`).
 
-    `row_groups` (B,): a group per row (replay or task); `group_sums` then receives each group's
-    (CE sum, label count), the total being their sum.
+    `row_groups` (B,): a group per row (replay or task), or (B, T) a group per position (a row
+    holding both, train/batching.py `_end_to_end`; a label counts in its own token's group);
+    `group_sums` then receives each group's (CE sum, label count), the total being their sum.
 
     `position_ids` (B, T): packed rows (train/batching.py `packed_collate`); pass `attention_mask`
     None with them, so that transformers builds the per-sample mask from where positions restart.
@@ -105,7 +106,8 @@ def chunked_causal_lm_loss(
     elif row_groups is None:
         total = _chunked_ce(head, rows, targets[keep], chunk_size, cap)
     else:  # one loss call per group: the same total, and each group's part for the log
-        group = row_groups.to(keep.device)[:, None].expand_as(keep)[keep]
+        group = row_groups.to(keep.device)
+        group = (group[:, None].expand_as(keep) if group.dim() == 1 else group[:, 1:])[keep]
         labels_kept = targets[keep]
         total = torch.zeros((), device=rows.device, dtype=torch.float32)
         for value in group.unique().tolist():

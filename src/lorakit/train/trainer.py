@@ -279,7 +279,7 @@ class Trainer:
                     chunk_size=self.config.loss_chunk_size,
                     verify_head=not self._head_checked,
                     keep_rows=kl_mask,
-                    row_groups=batch.get("replay_rows"),
+                    row_groups=batch.get("replay_tokens", batch.get("replay_rows")),
                     group_sums=groups,
                 )
             loss_sum, count = out[0], out[1]
