@@ -226,6 +226,20 @@ def test_the_shared_prefix_layout(tiny) -> None:
     assert sorted(seen) == sorted(s["input_ids"] for s in samples)
 
 
+def _lora_moved(tiny, attention: str | None = None) -> torch.nn.Module:
+    """A tiny Llama with a LoRA whose B is moved off zero, so A gets gradients too."""
+    model = tiny.llama()
+    if attention:
+        model.set_attn_implementation(attention)
+    torch.manual_seed(0)
+    lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "lorakit"])
 @pytest.mark.parametrize("capacity", [0, 30])
 def test_a_shared_prefix_gives_the_padded_batch_loss_and_every_gradient(tiny, attention, capacity) -> None:
@@ -236,14 +250,7 @@ def test_a_shared_prefix_gives_the_padded_batch_loss_and_every_gradient(tiny, at
     samples = _with_prefix(tiny, 6)
     results = []
     for layout in ("padded", "shared"):
-        model = tiny.llama()
-        model.set_attn_implementation(register() if attention == "lorakit" else attention)
-        torch.manual_seed(0)
-        lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
-        with torch.no_grad():  # B moved off zero, so A gets gradients too
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        model = _lora_moved(tiny, register() if attention == "lorakit" else attention)
         if layout == "padded":
             batch = default_collate(samples, 0)
             mask, positions = batch["attention_mask"], None
@@ -291,13 +298,7 @@ def test_task_and_replay_end_to_end_give_the_padded_losses_and_every_gradient(ti
     samples, general = _with_prefix(tiny, 5, seed=2), _with_prefix(tiny, 2, prefix=9, seed=7)
     results = []
     for layout in ("padded", "end to end"):
-        model = tiny.llama()
-        torch.manual_seed(0)
-        lk.apply(model, lk.LoRAConfig(rank=4, alpha=8))
-        with torch.no_grad():  # B moved off zero, so A gets gradients too
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        model = _lora_moved(tiny)
         if layout == "padded":
             batch = default_collate(samples + general, 0)
             mask, positions, groups = batch["attention_mask"], None, torch.tensor([False] * 5 + [True] * 2)
