@@ -37,7 +37,7 @@ class RunConfig:
         default="auto",
         metadata=_help(
             "auto: on a CPU without native bf16 (training in fp32) LoRA's default run is the light "
-            "recipe (100 steps at lr 2e-3, about two thirds of the standard run's time), elsewhere the "
+            "recipe (100 steps at lr 2e-3, about three quarters of the standard run's time), elsewhere the "
             "standard one; standard; light (lorakit.recipe)"
         ),
     )

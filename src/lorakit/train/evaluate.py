@@ -112,7 +112,7 @@ def generate_answers(
             ids, mask = _left_pad([encoded[i] for i in rows], tokenizer.pad_token_id, _device(model))
             # one process generates (rank 0 of a launch, the model gathered whole after FSDP2):
             # transformers would otherwise sync every token with ranks that are not generating
-            stop = StoppingCriteriaList([_Settled(rows, ids.shape[1], decided)])
+            stop = StoppingCriteriaList([_Settled(rows, ids.shape[1], decided)] if settled else [])
             out = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False,
                 stopping_criteria=stop,
