@@ -340,25 +340,27 @@ def _end_to_end(pieces: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     saw in its piece's row, without the padding a shorter row would get to join a wider one. The
     label at each piece's first position is dropped, as in its own row (where nothing predicts it;
     here the previous piece's last position would)."""
+    pieces = [_with_positions(b) for b in pieces]
     widths = [b["input_ids"].shape[1] for b in pieces]
     width = sum(widths)
     mask = torch.zeros(1, 1, width, width, dtype=torch.bool)
     labels = torch.cat([b["labels"] for b in pieces], 1)
     at = 0
     for b, n in zip(pieces, widths, strict=True):
-        mask[:, :, at : at + n, at : at + n] = _mask_4d(_with_positions(b), n)
+        mask[:, :, at : at + n, at : at + n] = _mask_4d(b, n)
         labels[:, at] = IGNORE_INDEX
         at += n
+    replay = torch.cat(
+        [b["replay_rows"][:, None].expand(-1, n) for b, n in zip(pieces, widths, strict=True)], 1
+    )
     return {
         "input_ids": torch.cat([b["input_ids"] for b in pieces], 1),
         "labels": labels,
         "attention_mask": torch.cat([b["attention_mask"] for b in pieces], 1),
-        "position_ids": torch.cat([_with_positions(b)["position_ids"] for b in pieces], 1),
+        "position_ids": torch.cat([b["position_ids"] for b in pieces], 1),
         "attention_4d": mask,
-        "replay_rows": torch.tensor([bool(pieces[-1]["replay_rows"].any())]),  # the row holds replay
-        "replay_tokens": torch.cat(
-            [b["replay_rows"][:, None].expand(-1, n) for b, n in zip(pieces, widths, strict=True)], 1
-        ),
+        "replay_rows": replay.any(1),  # the row holds replay
+        "replay_tokens": replay,
         "sample_tokens": torch.tensor(sum(sample_tokens(b) for b in pieces)),
     }
 
