@@ -93,12 +93,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _recipe(values: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """`lorakit train`'s recipe for this machine (lorakit.recipe) and the line saying why."""
-    import torch
-
+    from .device import resolve_device
     from .recipe import choose_recipe
     from .train.optim import precision_choice
 
-    fp32 = precision_choice(values.get("precision", "auto"), torch.device("cpu"))[0] is None
+    device = resolve_device(values.get("device", "auto"))  # a GPU asked for and not there: said here
+    fp32 = precision_choice(values.get("precision", "auto"), device)[0] is None
     return choose_recipe(values, fp32)
 
 
@@ -115,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_router_flags(args)
     run, train = split_options(_options(args, _run_fields()))
     conversations = read_data(run, train.seed)
-    model, tokenizer = api_load(run.model, run.attention)
+    model, tokenizer = api_load(run.model, run.attention, run.device)
     if args.router:
         return _eval_routed(args, run, model, tokenizer, conversations)
     if args.adapter:  # an adapter with added tokens: the grown model and its tokenizer, as trained

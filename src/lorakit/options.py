@@ -157,6 +157,12 @@ class RunConfig:
             "kernel, sdpa without gradients), eager, or sdpa"
         ),
     )
+    device: str = field(
+        default="auto",
+        metadata=_help(
+            "where to train and evaluate: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+        ),
+    )
     target_rank: int | None = field(
         default=None,
         metadata=_help(

@@ -19,6 +19,7 @@ from torch import nn
 from . import api, vocab
 from .core.io import atomic_write_json
 from .data import collate
+from .device import describe
 from .methods import METHODS
 from .models import load_tokenizer
 from .options import RunConfig, method_config, optimizer_groups
@@ -45,6 +46,7 @@ SCORING_ONLY = (
     "skip_eval",
     "base_eval_cache",
     "attention",
+    "device",
     "long_eval_lengths",
     "long_eval_tokens",
     "passkey_per_depth",
@@ -91,7 +93,8 @@ def train_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print) -> dict[
     say(
         f"data: {len(train)} training samples ({train.skipped} skipped: answer truncated away), {len(data.items)} held-out"
     )
-    model, base_tokenizer = api_load(cfg.model, cfg.attention)
+    model, base_tokenizer = api_load(cfg.model, cfg.attention, cfg.device)
+    say(f"device: {describe(next(model.parameters()).device)}")
     if extension is None:
         tokenizer = base_tokenizer
     else:
@@ -172,10 +175,15 @@ def _held_out_loss(data: EvalData, tokenizer: Any) -> Any:
     return held_out
 
 
-def api_load(path: str | None, attention: str = "auto") -> tuple[nn.Module, Any]:
+def api_load(path: str | None, attention: str = "auto", device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The model on `device` (a `--device` value: auto, cpu, cuda, cuda:N) with its attention kernel."""
+    from .device import resolve_device
     from .models import load_model
 
+    where = resolve_device(device)  # a GPU asked for and not there fails before the load
     model, tokenizer = load_model(path)
+    if where.type != "cpu":
+        model.to(where)
     set_attention(model, attention)
     return model, tokenizer
 

@@ -25,18 +25,25 @@ B_STD = 0.01  # small enough to keep the model sensible, large enough to change 
 SEED = 0
 
 
-def load(model: str | None, case: Case | None = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer): "tiny" is a two-layer random Llama for tests, None the default model.
-    PEFT's QLoRA case gets the model through transformers' bitsandbytes 4-bit loading."""
+def load(
+    model: str | None, case: Case | None = None, device: torch.device | None = None
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) on `device` (default: the CPU): "tiny" is a two-layer random Llama for
+    tests, `RANDOM_LLAMAS` random-weight Llamas of other sizes, None the default model. A case with
+    `base="bf16"` gets its base loaded in bf16. PEFT's QLoRA case gets the model through
+    transformers' bitsandbytes 4-bit loading."""
+    device = device or torch.device("cpu")
+    dtype = torch.bfloat16 if case is not None and case.base == "bf16" else torch.float32
     if case is not None and case.library == "peft" and case.method == "qlora":
-        return _load_bnb_4bit(model)
+        return _load_bnb_4bit(model, device)
     if model == "tiny":
         from lorakit.models import tiny_llama, tiny_tokenizer
 
-        return tiny_llama(), tiny_tokenizer()
+        return tiny_llama().to(device, dtype), tiny_tokenizer()
     if model in RANDOM_LLAMAS:
-        return random_llama(model)
-    return lk.load_model(model)
+        return random_llama(model, device, dtype)
+    loaded, tokenizer = lk.load_model(model, dtype=dtype)
+    return loaded.to(device), tokenizer
 
 
 # Llamas of other sizes with random weights (speed and memory only: nothing to download), the
@@ -47,17 +54,25 @@ RANDOM_LLAMAS: dict[str, dict[str, int]] = {
     "random-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4),
 }  # fmt: skip
+DEFAULT_VOCAB = 49152  # SmolLM2's tokenizer (tests check it against the installed one)
 
 
-def random_llama(name: str) -> tuple[nn.Module, Any]:
-    """One of RANDOM_LLAMAS, seeded, with the default model's tokenizer (and so its vocabulary)."""
+def random_llama(
+    name: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """One of RANDOM_LLAMAS, seeded, built on `device` in `dtype`, with the default model's
+    vocabulary; its tokenizer too where the default model is installed (None elsewhere: the
+    synthetic training batches need no text)."""
     from transformers import LlamaForCausalLM
 
-    from lorakit.models import load_tokenizer
+    from lorakit.models import default_model_available, load_tokenizer
 
-    tokenizer = load_tokenizer(None)
+    tokenizer = load_tokenizer(None) if default_model_available() else None
+    vocab = DEFAULT_VOCAB if tokenizer is None else len(tokenizer)
     torch.manual_seed(SEED)
-    return LlamaForCausalLM(random_llama_config(name, len(tokenizer))).eval(), tokenizer
+    with torch.device(device or "cpu"):  # drawn where it runs: a 1B model is drawn in a second on a GPU
+        model = LlamaForCausalLM(random_llama_config(name, vocab))
+    return model.to(dtype).eval(), tokenizer
 
 
 def random_llama_config(name: str, vocab_size: int) -> Any:
@@ -69,8 +84,9 @@ def random_llama_config(name: str, vocab_size: int) -> Any:
     )  # fmt: skip
 
 
-def _load_bnb_4bit(model: str | None) -> tuple[nn.Module, Any]:
-    """NF4 with double quantization and bf16 compute, as the QLoRA paper and PEFT's docs set it up."""
+def _load_bnb_4bit(model: str | None, device: torch.device) -> tuple[nn.Module, Any]:
+    """NF4 with double quantization and bf16 compute, as the QLoRA paper and PEFT's docs set it up,
+    loaded from a folder as a user would (the tiny and random Llamas are saved to one first)."""
     import tempfile
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -87,12 +103,17 @@ def _load_bnb_4bit(model: str | None) -> tuple[nn.Module, Any]:
 
             tiny_llama().save_pretrained(tmp)
             folder, tokenizer = tmp, tiny_tokenizer()
+        elif model in RANDOM_LLAMAS:  # the same seeded weights the other cases draw, in bf16
+            built, tokenizer = random_llama(model, device, torch.bfloat16)
+            built.save_pretrained(tmp)
+            del built
+            folder = tmp
         else:
             from lorakit.models import load_tokenizer, model_folder
 
             folder, tokenizer = str(model_folder(model)), load_tokenizer(model)
         loaded = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
+            folder, quantization_config=config, device_map={"": str(device)}, dtype=torch.bfloat16
         )
     return loaded, tokenizer
 

@@ -22,6 +22,8 @@ FORWARD_TOKENS = 256  # forward latency: one sequence of this many tokens
 NEW_TOKENS = 64  # greedy generation: exactly this many new tokens
 TRAIN_BATCH, TRAIN_SEQ = 4, 256
 TASK_BATCH, TASK_MICRO, TASK_PACKING, TASK_BATCHES = 16, 8, 512, 6  # the task cases: `lorakit train`'s
+GPU_ROWS, GPU_SEQ = 8, 2048  # issue 27: the GPU cases' batch (8 rows of 2k tokens, 16k tokens a step)
+GPU_METHODS = ("lora", "dora", "qlora")
 QUANT_SHAPE = (4096, 4096)  # the NF4 quantize / dequantize micro-benchmark
 TINY_QUANT_SHAPE = (256, 256)  # the same with --model tiny (a smoke test)
 
@@ -56,6 +58,10 @@ class Case:
     # batches (TASK_BATCH samples, micro-batches of TASK_MICRO, assistant-only loss) laid out as
     # "padded" (the trainer's default), "packed" (--packing TASK_PACKING) or "shared" (--share-prefix)
     data: str = ""
+    rows: int = 1  # train with `seq`: rows of `seq` tokens in the batch
+    # train: the dtype the base model is loaded in; "bf16" as PEFT's GPU examples load it (both
+    # libraries then keep fp32 adapters: PEFT's autocast_adapter_dtype, lorakit's own parameters)
+    base: Literal["fp32", "bf16"] = "fp32"
 
 
 CASES: tuple[Case, ...] = (
@@ -185,8 +191,31 @@ CASES: tuple[Case, ...] = (
         for n in SCALING_LENGTHS
         for prefix, library, loss in (("", "lorakit", "chunked"), ("peft_", "peft", "model"))
     ),
+    # on a GPU (issue 27): 8 rows of 2k tokens, the base loaded in bf16, LoRA / DoRA / QLoRA against
+    # PEFT (+ bitsandbytes' 4-bit for QLoRA); `--device cuda --cases` with GPU_TRAIN_CASES
+    *(
+        Case(
+            f"{prefix}{method}_{GPU_ROWS}x2k_bf16",
+            "train",
+            library,
+            "unmerged",
+            "bf16",
+            loss,
+            method=method,
+            extra=True,
+            seq=GPU_SEQ,
+            rows=GPU_ROWS,
+            base="bf16",
+        )
+        for method in GPU_METHODS
+        for prefix, library, loss in (("", "lorakit", "chunked"), ("peft_", "peft", "model"))
+    ),  # fmt: skip
     Case("nf4", "quant", "lorakit"),
     Case("bnb_nf4", "quant", "bitsandbytes"),
+    # the 4-bit matmul of QLoRA's forward (issue 27): x (TRAIN_BATCH * TRAIN_SEQ, in) @ NF4 weight,
+    # bf16, lorakit's dequantize-then-matmul against bitsandbytes' matmul_4bit
+    Case("nf4_matmul", "quant", "lorakit", extra=True, method="matmul"),
+    Case("bnb_nf4_matmul", "quant", "bitsandbytes", extra=True, method="matmul"),
 )
 
 # (numerator, denominator): computed from medians measured in the same invocation.
@@ -255,8 +284,11 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
         *((f"lora_seq{n}_{d}", f"peft_lora_seq{n}_{d}") for d in ("fp32", "bf16") for n in SCALING_LENGTHS),
+        *((f"{m}_{GPU_ROWS}x2k_bf16", f"peft_{m}_{GPU_ROWS}x2k_bf16") for m in GPU_METHODS),
+        *((f"{p}qlora_{GPU_ROWS}x2k_bf16", f"{p}lora_{GPU_ROWS}x2k_bf16") for p in ("", "peft_")),
+        *((f"{p}dora_{GPU_ROWS}x2k_bf16", f"{p}lora_{GPU_ROWS}x2k_bf16") for p in ("", "peft_")),
     ),
-    "quant": (("nf4", "bnb_nf4"),),
+    "quant": (("nf4", "bnb_nf4"), ("nf4_matmul", "bnb_nf4_matmul")),
 }
 
 # The same model in two processes (the second one imported PEFT): any distance of this ratio from
@@ -281,8 +313,9 @@ SAME_OUTPUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_bf16_compiled", "lora_bf16"),
         ("dora_bf16", "peft_dora_bf16"),
         ("qlora_bf16", "peft_qlora_bf16"),
+        *((f"{m}_{GPU_ROWS}x2k_bf16", f"peft_{m}_{GPU_ROWS}x2k_bf16") for m in GPU_METHODS),
     ),
-    "quant": (("nf4", "bnb_nf4"),),
+    "quant": (("nf4", "bnb_nf4"), ("nf4_matmul", "bnb_nf4_matmul")),
 }
 
 
@@ -321,6 +354,8 @@ TASK_TRAIN_CASES = tuple(
 SCALING_TRAIN_CASES = tuple(
     f"{p}lora_seq{n}_{d}" for d in ("fp32", "bf16") for n in SCALING_LENGTHS for p in ("", "peft_")
 )
+GPU_TRAIN_CASES = tuple(f"{p}{m}_{GPU_ROWS}x2k_bf16" for m in GPU_METHODS for p in ("", "peft_"))
+GPU_QUANT_CASES = ("nf4", "bnb_nf4", "nf4_matmul", "bnb_nf4_matmul")
 LONG_TRAIN_CASES = tuple(f"lora_qkvo_{k}_{n}" for n in LONG_LENGTHS for k in ("sdpa", "kernel", "s2"))
 
 

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each case")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the cases run: cpu, cuda, cuda:N, or auto (the GPU when torch sees one); on a GPU "
+        "the timings are synchronised and its memory peaks reported (docs/gpu.md)",
+    )
+    parser.add_argument(
         "--cases", nargs="+", default=None, help="run only these cases (space- or comma-separated)"
     )
     parser.add_argument(
@@ -77,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         rounds=args.rounds,
         forward_steps=args.forward_steps,
+        device=args.device,
     )
     markdown = Path(report["files"]["markdown"]).read_text()
     if args.json:

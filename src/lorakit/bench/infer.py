@@ -7,6 +7,7 @@ that lorakit and PEFT compute the same function: a fast wrong answer is not a re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,15 +21,22 @@ LOGITS_HEAD = 16  # how many last-position logits the fingerprint keeps
 
 
 def run_infer(
-    model: nn.Module, tokenizer: Any, warmup: int, steps: int, forward_steps: int, batch: int = 1
+    model: nn.Module,
+    tokenizer: Any,
+    warmup: int,
+    steps: int,
+    forward_steps: int,
+    batch: int = 1,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Time `forward_steps` forwards and `steps` generations, all under `inference_mode`.
 
     The forward gets more samples than generation: one forward is ~0.5 s on the default model, so
     extra samples are cheap, and the forward ratio (merged/base) is the figure that must be tight.
     """
-    ids = _forward_ids(model)
-    prompt = {k: v.expand(batch, -1) for k, v in _prompt(tokenizer).items()}  # (batch, T)
+    device = next(model.parameters()).device
+    ids = _forward_ids(model).to(device)
+    prompt = {k: v.expand(batch, -1).to(device) for k, v in _prompt(tokenizer).items()}  # (batch, T)
     generated: list[torch.Tensor] = []
 
     def forward() -> None:
@@ -39,9 +47,9 @@ def run_infer(
         generated.append(out[0, prompt["input_ids"].shape[1] :])
 
     with torch.inference_mode():
-        forward_timing = measure(forward, warmup, forward_steps)
+        forward_timing = measure(forward, warmup, forward_steps, sync)
         last = model(input_ids=ids, use_cache=False).logits[0, -1].float()  # (vocab,)
-        generate_timing = measure(generate, warmup, steps)
+        generate_timing = measure(generate, warmup, steps, sync)
     new_tokens = generated[-1].tolist()
     generate_timing["tokens_per_s"] = len(new_tokens) / generate_timing["median_s"]
     return {

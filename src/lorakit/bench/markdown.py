@@ -37,7 +37,17 @@ def _header(report: dict[str, Any]) -> str:
         f"OMP_WAIT_POLICY={s.get('omp_wait_policy')}"
         f"{_jobs_note(s.get('jobs', 1))}.\n"
         f"Machine: {m['cpu']}{_flags(m)}, {m['logical_cpus']} logical CPUs, {m['memory_gb']} GB; "
-        f"1-min load average {load}. {versions}."
+        f"1-min load average {load}. {versions}.{_gpu(m)}"
+    )
+
+
+def _gpu(machine: dict[str, Any]) -> str:
+    gpu = machine.get("gpu")
+    if not gpu:
+        return ""
+    return (
+        f"\nDevice: **{gpu}** (timed between `torch.cuda.synchronize()` calls; GPU memory is "
+        "`torch.cuda.max_memory_allocated`, the tensors' peak)."
     )
 
 
@@ -63,20 +73,21 @@ def _infer_table(cases: dict[str, dict[str, Any]]) -> str:
 def _train_table(cases: dict[str, dict[str, Any]]) -> str:
     rows = [
         "| case | dtype | loss | batch | s/step | range (s) | per round (s) "
-        "| tokens/s | peak RSS (MB) | peak RSS of the steps (MB) | trainable params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens/s | peak RSS (MB) | peak RSS of the steps (MB) | GPU peak of the steps (MB) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
         if "error" in r:
-            rows.append(f"| {name} | failed | | | | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | | | | |")
             continue
         st = r["step"]
         steps_rss = f"{r['step_peak_rss_mb']:.0f}" if r.get("step_peak_rss_mb") else ""
+        steps_gpu = f"{r['step_peak_gpu_mb']:.0f}" if r.get("step_peak_gpu_mb") else ""
         batch = "x".join(map(str, r.get("batch", (TRAIN_BATCH, TRAIN_SEQ))))
         rows.append(
             f"| {name} | {r['dtype']} | {r['loss']} | {batch} | {st['median_s']:.2f} | {_range(st, 1, 2)} "
             f"| {_per_round(st, 1, 2)} | {st['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {steps_rss} "
-            f"| {r['trainable_params']:,} |"
+            f"| {steps_gpu} | {r['trainable_params']:,} |"
         )
     return "\n".join(rows)
 
@@ -87,19 +98,21 @@ def _quant_table(cases: dict[str, dict[str, Any]]) -> str:
     rows = [
         f"| case ({shape} fp32, NF4, blocks of 64, double quant) | quantize (ms) | range (ms) "
         "| per round (ms) | dequantize to bf16 (ms) | range (ms) | per round (ms) | stored (MB) "
-        "| bits/param | relative error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bits/param | relative error | 4-bit matmul fwd+bwd, 1024 rows bf16 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
         if "error" in r:
-            rows.append(f"| {name} | failed | | | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | | | |")
             continue
+        matmul = f"{r['matmul']['median_s'] * 1e3:.2f}" if "matmul" in r else ""
         numel = r["shape"][0] * r["shape"][1]
         q, d = r["quantize"], r["dequantize"]
         rows.append(
             f"| {name} | {q['median_s'] * 1e3:.1f} | {_range(q, 1e3, 1)} | {_per_round(q, 1e3, 1)} "
             f"| {d['median_s'] * 1e3:.1f} | {_range(d, 1e3, 1)} | {_per_round(d, 1e3, 1)} "
-            f"| {r['stored_bytes'] / 1e6:.2f} | {8 * r['stored_bytes'] / numel:.3f} | {r['relative_error']:.4f} |"
+            f"| {r['stored_bytes'] / 1e6:.2f} | {8 * r['stored_bytes'] / numel:.3f} | {r['relative_error']:.4f} "
+            f"| {matmul} |"
         )
     return "\n".join(rows)
 
@@ -126,7 +139,11 @@ def _ratio_table(suite: str, ratios: dict[str, dict[str, Any]], rounds: int) -> 
     metrics = TIME_METRICS[suite]
     title = f"ratio (median of {rounds} rounds, min–max)" if rounds > 1 else "ratio (same run)"
     memory = ("peak_rss", "step_peak_rss") if suite == "train" else ("peak_rss",)
+    if any("step_peak_gpu" in entry for entry in ratios.values()):
+        memory = ("step_peak_gpu", "peak_gpu", *memory)
+    metrics = tuple(m for m in metrics if any(m in entry for entry in ratios.values())) or metrics
     heads = {"peak_rss": "peak RSS", "step_peak_rss": "peak RSS of the steps"}
+    heads.update(step_peak_gpu="GPU peak of the steps", peak_gpu="GPU peak of the case")
     rows = [
         f"| {title} | " + " | ".join(metrics) + " | " + " | ".join(heads[m] for m in memory) + " |",
         "|---|" + "---|" * (len(metrics) + len(memory)),
@@ -154,13 +171,13 @@ def _noise_floor_note(suite: str, floor: dict[str, Any]) -> str:
 
 
 def _check_table(checks: dict[str, dict[str, Any]]) -> str:
-    keys = list(next(iter(checks.values())))
+    keys = list(dict.fromkeys(k for entry in checks.values() for k in entry))
     rows = [
         "| same weights, same outputs? | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
         "|---|" + "---|" * len(keys),
     ]
     for name, entry in checks.items():
-        rows.append(f"| {name} | " + " | ".join(_cell(entry[k]) for k in keys) + " |")
+        rows.append(f"| {name} | " + " | ".join(_cell(entry[k]) if k in entry else "" for k in keys) + " |")
     return "\n".join(rows)
 
 

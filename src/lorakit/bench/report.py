@@ -22,8 +22,10 @@ from .markdown import render
 from .rounds import Results, combine_case, round_ratios
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    return {
+def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The machine; with a GPU device, the GPU as `nvidia-smi` names it (the parent process never
+    initialises CUDA itself: its memory would sit on the device next to each case's)."""
+    info = {
         "cpu": _cpu_model(),
         "cpu_flags": _speed_flags(),
         # set when an AVX512 CPU is run as an AVX2-only one (docs/benchmarks.md); children inherit them
@@ -39,6 +41,25 @@ def machine_info(threads: int) -> dict[str, Any]:
         },
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if device != "cpu":
+        info["gpu"] = _gpu_name()
+        info["versions"]["cuda (torch)"] = torch.version.cuda
+    return info
+
+
+def _gpu_name() -> str | None:
+    """ "NVIDIA H200, 143771 MiB, driver 580.159.04" from nvidia-smi; None without it."""
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        line = (
+            subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        )
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    name, memory, driver = (part.strip() for part in line.split(","))
+    return f"{name}, {memory}, driver {driver}"
 
 
 def suite_report(suite: str, rounds: list[Results]) -> dict[str, Any]:
@@ -80,7 +101,13 @@ def _compare(suite: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]
     if suite == "quant":  # the same matrix decoded by both libraries
         fa, fb = a["fingerprint"], b["fingerprint"]
         head = max(abs(x - y) for x, y in zip(fa["head"], fb["head"], strict=True))
-        return {"dequantized_head_max_abs_diff": head, "dequantized_sum_abs_diff": abs(fa["sum"] - fb["sum"])}
+        out = {"dequantized_head_max_abs_diff": head, "dequantized_sum_abs_diff": abs(fa["sum"] - fb["sum"])}
+        if "matmul_fingerprint" in a and "matmul_fingerprint" in b:  # the same product of the same values
+            ma, mb = a["matmul_fingerprint"], b["matmul_fingerprint"]
+            out["matmul_head_max_abs_diff"] = max(
+                abs(x - y) for x, y in zip(ma["head"], mb["head"], strict=True)
+            )
+        return out
     fa, fb = a["fingerprint"], b["fingerprint"]
     diff = max(abs(x - y) for x, y in zip(fa["logits_head"], fb["logits_head"], strict=True))
     return {

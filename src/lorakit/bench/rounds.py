@@ -13,8 +13,18 @@ from typing import Any
 
 from .cases import RATIOS
 
-Results = dict[str, dict[str, Any]]  # case name -> that case's result (or {"error": ...})
-TIME_METRICS = {"infer": ("forward", "generate"), "train": ("step",), "quant": ("quantize", "dequantize")}
+Results = dict[str, dict[str, Any]]
+MEMORY_PEAKS = (
+    "step_peak_rss_mb",
+    "peak_gpu_mb",
+    "step_peak_gpu_mb",
+)  # case name -> that case's result (or {"error": ...})
+# "matmul": the quant suite's 4-bit matmul cases only; a metric is combined where a case has it
+TIME_METRICS = {
+    "infer": ("forward", "generate"),
+    "train": ("step",),
+    "quant": ("quantize", "dequantize", "matmul"),
+}
 
 
 def combine_case(suite: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -28,10 +38,12 @@ def combine_case(suite: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": runs[0]["error"], "rounds": runs}
     combined = dict(ok[0])
     for metric in TIME_METRICS[suite]:
-        combined[metric] = _combine_timing([run[metric] for run in ok])
+        if metric in ok[0]:
+            combined[metric] = _combine_timing([run[metric] for run in ok])
     combined["peak_rss_mb"] = statistics.median(run["peak_rss_mb"] for run in ok)
-    if all("step_peak_rss_mb" in run for run in ok):  # train: the peak over the steps alone
-        combined["step_peak_rss_mb"] = statistics.median(run["step_peak_rss_mb"] for run in ok)
+    for peak in MEMORY_PEAKS:  # train: the peaks over the steps alone; on a GPU its own peaks
+        if all(peak in run for run in ok):
+            combined[peak] = statistics.median(run[peak] for run in ok)
     combined["rounds"] = runs
     if len(ok) < len(runs):
         combined["failed_rounds"] = [i + 1 for i, run in enumerate(runs) if "error" in run]
@@ -78,11 +90,13 @@ def _per_round(suite: str, rounds: list[Results], num: str, den: str) -> dict[st
         if a is None or b is None or "error" in a or "error" in b:
             continue
         for metric in metrics:
-            values[metric].append(a[metric]["median_s"] / b[metric]["median_s"])
+            if metric in a and metric in b:
+                values[metric].append(a[metric]["median_s"] / b[metric]["median_s"])
         values["peak_rss"].append(a["peak_rss_mb"] / b["peak_rss_mb"])
-        if "step_peak_rss_mb" in a and "step_peak_rss_mb" in b:
-            values.setdefault("step_peak_rss", []).append(a["step_peak_rss_mb"] / b["step_peak_rss_mb"])
-    return values if values["peak_rss"] else {}
+        for peak in MEMORY_PEAKS:
+            if a.get(peak) and b.get(peak):
+                values.setdefault(peak.removesuffix("_mb"), []).append(a[peak] / b[peak])
+    return {k: v for k, v in values.items() if v} if values["peak_rss"] else {}
 
 
 def _summarise(per_round: dict[str, list[float]]) -> dict[str, Any]:

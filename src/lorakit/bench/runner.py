@@ -43,6 +43,7 @@ def run_bench(
     jobs: int = 1,
     rounds: int | None = None,
     forward_steps: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run a benchmark suite ("infer", "train" or "all") and write JSON + Markdown to `out_dir`.
 
@@ -55,6 +56,8 @@ def run_bench(
     timed iterations per case, `forward_steps` (default 2 x steps) for the cheaper forward.
     Returns the report (also in `out_dir/latest.json`); `report["failed"]` lists failed cases.
     `jobs > 1` runs that many cases at once: only for smoke tests, as they then slow each other.
+    `device`: where each case runs ("cpu", "cuda", "cuda:N", or "auto": the GPU when there is one);
+    on a GPU the timings are taken between synchronisations and the GPU's memory peaks reported.
     """
     rounds = _default_rounds(model) if rounds is None else rounds
     if rounds < 1:
@@ -62,8 +65,9 @@ def run_bench(
     with_peft = vs_peft and importlib.util.find_spec("peft") is not None
     with_bnb = vs_peft and importlib.util.find_spec("bitsandbytes") is not None
     selected = select_cases(suite, with_peft, cases, with_bnb)
-    machine = machine_info(threads)
-    spec = {"model": model, "threads": threads, "warmup": warmup, "steps": steps}
+    device = _device_name(device)
+    machine = machine_info(threads, device)
+    spec = {"model": model, "device": device, "threads": threads, "warmup": warmup, "steps": steps}
     spec["forward_steps"] = 2 * steps if forward_steps is None else forward_steps
     per_round = _run_rounds(selected, spec, rounds, jobs, verbose)
     machine["load_average_after"] = list(os.getloadavg())
@@ -78,6 +82,13 @@ def run_bench(
     }
     report["files"] = write_report(report, Path(out_dir), suite)
     return report
+
+
+def _device_name(choice: str) -> str:
+    """The device the cases run on, as a string ("auto" resolved here; an unusable one refused)."""
+    from lorakit.device import resolve_device
+
+    return str(resolve_device(choice))
 
 
 def _default_rounds(model: str | None) -> int:

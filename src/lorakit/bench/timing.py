@@ -10,8 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-def measure(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:
+def measure(
+    fn: Callable[[], Any], warmup: int, steps: int, sync: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """Run `fn` `warmup` times untimed, then `steps` times timed, one perf_counter pair per call.
+
+    `sync` (a GPU's `torch.cuda.synchronize`) is called before the clock starts and before it
+    stops: a GPU runs the queued kernels after `fn` returns, so without it the clock would time the
+    launches, not the work.
 
     Warm-up absorbs one-off costs (allocator growth, oneDNN kernel selection, lazy imports, a
     torch.compile) that a user pays once per process, not per call; their times are kept
@@ -21,11 +27,11 @@ def measure(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1 to time anything, got {steps}")
-    warmups = [_timed(fn) for _ in range(warmup)]
+    warmups = [_timed(fn, sync) for _ in range(warmup)]
     gc.collect()
     gc.disable()
     try:
-        samples = [_timed(fn) for _ in range(steps)]
+        samples = [_timed(fn, sync) for _ in range(steps)]
     finally:
         gc.enable()
     return {
@@ -36,9 +42,13 @@ def measure(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:
     }
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    if sync is not None:
+        sync()
     start = time.perf_counter()
     fn()
+    if sync is not None:
+        sync()
     return time.perf_counter() - start
 
 

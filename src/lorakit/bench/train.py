@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.device import peak_memory_mb, peak_reserved_mb, reset_peak_memory
+
 from .cases import TASK_BATCH, TASK_BATCHES, TASK_MICRO, TASK_PACKING, TRAIN_BATCH, TRAIN_SEQ, Case
 from .timing import measure, peak_rss_since_reset_mb, reset_peak_rss
 
@@ -30,8 +32,17 @@ WEIGHT_DECAY = 0.01  # torch's AdamW default, for both libraries
 LossFn = Callable[[nn.Module, Tensor], Tensor]
 
 
-def run_train(model: nn.Module, case: Case, warmup: int, steps: int, tokenizer: Any = None) -> dict[str, Any]:
+def run_train(
+    model: nn.Module,
+    case: Case,
+    warmup: int,
+    steps: int,
+    tokenizer: Any = None,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """One case's timed steps; `sync` waits for a GPU's queued work (`timing.measure`)."""
     model.train()
+    device = next(model.parameters()).device
     prepared: list[str] = []
     if case.library == "lorakit":  # what `lorakit train` does before its first step
         from lorakit.train.fast import prepare_for_training
@@ -51,22 +62,22 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int, tokenizer: 
         model.set_attn_implementation(case.attention)
         prepared.append(f"attention: {case.attention}")
     if case.data:
-        return _run_task(model, case, warmup, steps, tokenizer, prepared)
-    ids = _batch(model, case.seq)
+        return _run_task(model, case, warmup, steps, tokenizer, prepared, sync)
+    ids = _batch(model, case.seq, case.rows).to(device)
     loss_fn, loss_name = _loss_fn(case.loss)
     optimizer = _optimizer(model, case, ids.device, prepared)
     losses: list[float] = []
 
     def step() -> None:
-        with _autocast(case.dtype):
+        with _autocast(case.dtype, device):
             loss = loss_fn(model, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
 
-    reset = reset_peak_rss()  # the training peak, not the model load's (an fp32 model before NF4)
-    timing = measure(step, warmup, steps)
+    reset = _reset_peaks(device)  # the training peak, not the model load's (an fp32 model before NF4)
+    timing = measure(step, warmup, steps, sync)
     timing["tokens_per_s"] = ids.numel() / timing["median_s"]
     result = {
         "step": timing,
@@ -75,8 +86,23 @@ def run_train(model: nn.Module, case: Case, warmup: int, steps: int, tokenizer: 
         "batch": list(ids.shape),
         "prepared": prepared,
     }
-    if reset:
+    return _with_peaks(result, reset, device)
+
+
+def _reset_peaks(device: torch.device) -> bool:
+    """Restart the peak counters (the process's RSS; the GPU's allocated memory there)."""
+    reset_peak_memory(device)
+    return reset_peak_rss()
+
+
+def _with_peaks(result: dict[str, Any], rss_reset: bool, device: torch.device) -> dict[str, Any]:
+    """The steps' own peaks: RSS where it could be reset; the GPU's allocated memory on a GPU."""
+    if rss_reset:
         result["step_peak_rss_mb"] = peak_rss_since_reset_mb()
+    gpu = peak_memory_mb(device)
+    if gpu is not None:
+        result["step_peak_gpu_mb"] = gpu
+        result["step_peak_gpu_reserved_mb"] = peak_reserved_mb(device)
     return result
 
 
@@ -124,7 +150,13 @@ def task_batches(tokenizer: Any, layout: str) -> tuple[list[list[dict[str, Tenso
 
 
 def _run_task(
-    model: nn.Module, case: Case, warmup: int, steps: int, tokenizer: Any, prepared: list[str]
+    model: nn.Module,
+    case: Case,
+    warmup: int,
+    steps: int,
+    tokenizer: Any,
+    prepared: list[str],
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """One optimizer step on real batches, rotating through TASK_BATCHES of them: lorakit's chunked
     loss as the trainer computes it (the sum over the batch's loss tokens over their count); PEFT's
@@ -132,8 +164,10 @@ def _run_task(
     from lorakit.train.batching import loss_token_count, model_mask
     from lorakit.train.loss import chunked_causal_lm_loss
 
+    device = next(model.parameters()).device
     batches, tokens, loss_tokens = task_batches(tokenizer, case.data)
-    optimizer = _optimizer(model, case, batches[0][0]["input_ids"].device, prepared)
+    batches = [[{k: v.to(device) for k, v in m.items()} for m in batch] for batch in batches]
+    optimizer = _optimizer(model, case, device, prepared)
     losses: list[float] = []
     turn = [0]
 
@@ -143,7 +177,7 @@ def _run_task(
         count = sum(loss_token_count(m["labels"]) for m in batch)
         total = 0.0
         for micro in batch:
-            with _autocast(case.dtype):
+            with _autocast(case.dtype, device):
                 if case.library == "lorakit":
                     part, _ = chunked_causal_lm_loss(
                         model, micro["input_ids"], model_mask(micro), micro["labels"],
@@ -162,8 +196,8 @@ def _run_task(
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
 
-    reset = reset_peak_rss()
-    timing = measure(step, warmup, steps)
+    reset = _reset_peaks(device)
+    timing = measure(step, warmup, steps, sync)
     timing["tokens_per_s"] = tokens / timing["median_s"]
     timing["loss_tokens_per_s"] = loss_tokens / timing["median_s"]
     rows = [m["input_ids"].shape for batch in batches for m in batch]
@@ -182,23 +216,21 @@ def _run_task(
         },  # fmt: skip
         "prepared": prepared,
     }
-    if reset:
-        result["step_peak_rss_mb"] = peak_rss_since_reset_mb()
-    return result
+    return _with_peaks(result, reset, device)
 
 
-def _batch(model: nn.Module, seq: int = 0) -> Tensor:
-    """A fixed pseudo-random (TRAIN_BATCH, TRAIN_SEQ) batch, or one row of `seq` tokens; timing does
-    not depend on the text."""
+def _batch(model: nn.Module, seq: int = 0, rows: int = 1) -> Tensor:
+    """A fixed pseudo-random (TRAIN_BATCH, TRAIN_SEQ) batch, or `rows` rows of `seq` tokens; timing
+    does not depend on the text."""
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(4321)
-    shape = (1, seq) if seq else (TRAIN_BATCH, TRAIN_SEQ)
+    shape = (rows, seq) if seq else (TRAIN_BATCH, TRAIN_SEQ)
     return torch.randint(0, vocab, shape, generator=generator)
 
 
-def _autocast(dtype: str) -> contextlib.AbstractContextManager[Any]:
+def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -77,7 +77,7 @@ def train_documents_run(cfg: RunConfig, train_cfg: TrainConfig, say: Any = print
         f"data: {len(train_docs)} Wikipedia articles packed into {len(rows)} rows of {length:,} tokens; "
         f"{len(held_docs)} held-out articles ({len(held_ids):,} tokens)"
     )
-    model, _ = api_load(cfg.model, cfg.attention)
+    model, _ = api_load(cfg.model, cfg.attention, cfg.device)
     window = original_window(model.config)
     lengths = eval_lengths(cfg, window, length)
     distributed.join(world, next(model.parameters()).device)
