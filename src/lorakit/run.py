@@ -19,7 +19,7 @@ from torch import nn
 from . import api, vocab
 from .core.io import atomic_write_json
 from .data import collate
-from .device import describe
+from .device import describe, peak_memory_mb
 from .methods import METHODS
 from .models import load_tokenizer
 from .options import RunConfig, method_config, optimizer_groups
@@ -207,6 +207,8 @@ def set_attention(model: nn.Module, attention: str) -> None:
 
 def _metrics(cfg, train_cfg, before, after, result, train, model, adapter_dir, seconds) -> dict[str, Any]:
     extra = {
+        # the device's peak of allocated memory over the whole run (evaluation included); None on a CPU
+        "peak_gpu_mb": peak_memory_mb(next(model.parameters()).device),
         "skipped_batches": result.skipped_batches,
         "held_out_curve": result.evals,
         "skipped_samples": train.skipped,

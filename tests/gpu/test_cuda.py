@@ -208,6 +208,7 @@ def test_bench_cases_on_cuda_synchronise_and_report_the_gpu_memory(tmp_path) -> 
     )
     assert train["checks"]["lora_bf16 vs peft_lora_bf16"]["first_loss_abs_diff"] < 1e-2
     quant = report["suites"]["quant"]
-    assert quant["checks"]["nf4 vs bnb_nf4"]["dequantized_head_max_abs_diff"] == 0
+    # the same 4-bit codes; a block scale's 8-bit code may sit one step from bitsandbytes' (see above)
+    assert quant["checks"]["nf4 vs bnb_nf4"]["dequantized_head_max_abs_diff"] < 1e-3
     assert "matmul" in quant["cases"]["nf4_matmul"]
     assert report["machine"]["gpu"]

@@ -75,6 +75,8 @@ def prepare_for_training(
             done.append("attention: lorakit grouped-matmul kernel")
         except (ValueError, ImportError) as err:  # a model that refuses custom attention keeps its own
             done.append(f"attention: kept the model's ({err})")
+    elif device.type != "cpu" and current is not None:
+        done.append(f"attention: the model's own ({current}: on {device.type}, PyTorch's fused kernels)")
     if amp_dtype is not None:
         count = cast_norm_outputs(model)
         if count:
