@@ -10,7 +10,7 @@ source docs/gpu/device_setup.sh
   lscpu | grep -E "Model name|^CPU\(s\)"
 } 2>&1 | tee "$OUT/machine.txt"
 echo "== GPU tests"; date +%T
-timeout 200 python3 -m pytest -q -rs -m gpu tests/gpu -p no:cacheprovider -o addopts="--import-mode=importlib" -s 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+timeout 200 python3 -m pytest -q -ra -m gpu tests/gpu -p no:cacheprovider -o addopts="--import-mode=importlib" -s > "$OUT/gpu_tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt"
 echo "== quant"; date +%T
 timeout 120 python3 -m lorakit bench --suite quant --device cuda --threads 8 --rounds 1 --steps 20 --warmup 5 \
   --cases nf4 bnb_nf4 nf4_matmul bnb_nf4_matmul --out /tmp/bq > /dev/null 2> "$OUT/quant.err"

@@ -77,10 +77,11 @@ def load_model(
 
 
 def default_model_available() -> bool:
-    """True if the default model's GGUF file is installed (no import of the package itself)."""
+    """True if the default model's GGUF file is installed (no import of the package itself); False
+    for a package folder without it as well (the error then comes from whoever needs the model)."""
     try:
         return _default_gguf().is_file()
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, FileNotFoundError):
         return False
 
 
