@@ -177,6 +177,26 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
         load_model()
 
 
+def test_a_package_folder_without_its_gguf_is_not_an_available_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A half-installed package (seen while staging a GPU machine) answers False, and loading says
+    which file is missing; a random-weight Llama then still builds (its tokenizer is optional)."""
+    (tmp_path / models.DEFAULT_PACKAGE).mkdir()
+    (tmp_path / models.DEFAULT_PACKAGE / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not default_model_available()
+    with pytest.raises(FileNotFoundError, match=r"is missing; expected the GGUF file"):
+        load_model()
+    from lorakit.bench import build
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)  # fmt: skip
+    monkeypatch.setitem(build.RANDOM_LLAMAS, "random-small", small)
+    model, tokenizer = build.random_llama("random-small")
+    assert tokenizer is None and model.config.vocab_size == build.DEFAULT_VOCAB
+
+
 # ----------------------------------------------------------------------------- the real model
 
 needs_default = pytest.mark.skipif(

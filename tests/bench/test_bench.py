@@ -160,6 +160,32 @@ def test_qlora_and_nf4_cases(tmp_path: Path) -> None:
         assert "nf4/bnb_nf4" in quant["ratios"]
 
 
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+def test_the_4bit_matmul_cases_compute_the_same_product_and_time_it(tmp_path: Path) -> None:
+    report = _tiny("quant", tmp_path, ["nf4_matmul", "bnb_nf4_matmul"])
+    assert report["failed"] == []
+    quant = report["suites"]["quant"]
+    ours = quant["cases"]["nf4_matmul"]
+    assert ours["matmul"]["median_s"] > 0 and ours["device"] == "cpu"
+    assert quant["checks"]["nf4_matmul vs bnb_nf4_matmul"]["matmul_head_max_abs_diff"] < 1e-2
+    assert quant["ratios"]["nf4_matmul/bnb_nf4_matmul"]["matmul"] > 0
+    assert "4-bit matmul fwd+bwd" in Path(report["files"]["markdown"]).read_text()
+
+
+def test_gpu_memory_peaks_are_combined_and_compared_when_cases_report_them() -> None:
+    from lorakit.bench.rounds import combine_case, round_ratios
+
+    def result(step_s: float, gpu_mb: float) -> dict:
+        step = {"samples_s": [step_s], "median_s": step_s, "min_s": step_s, "tokens_per_s": 1 / step_s}
+        return {"step": step, "peak_rss_mb": 900.0, "step_peak_gpu_mb": gpu_mb, "peak_gpu_mb": gpu_mb + 10}
+
+    rounds = [{"lora_8x2k_bf16": result(0.3, 300.0), "peft_lora_8x2k_bf16": result(0.4, 600.0)}]
+    ratio = round_ratios("train", rounds)["lora_8x2k_bf16/peft_lora_8x2k_bf16"]
+    assert ratio["step"] == pytest.approx(0.75) and ratio["step_peak_gpu"] == pytest.approx(0.5)
+    assert "step_peak_rss" not in ratio  # a case without it compares what it has
+    assert combine_case("train", [result(0.3, 300.0), result(0.5, 500.0)])["step_peak_gpu_mb"] == 400.0
+
+
 def _fake_result(forward_s: float, generate_s: float, rss_mb: float) -> dict:
     timing = {"samples_s": [forward_s], "median_s": forward_s, "min_s": forward_s}
     generate = {
@@ -331,3 +357,32 @@ def test_scaling_cases_pair_with_peft_and_the_random_llamas_have_their_sizes() -
             model = LlamaForCausalLM(random_llama_config(name, 49152))
         sizes[name] = sum(p.numel() for p in model.parameters()) / 1e6
     assert 340 < sizes["random-360m"] < 380 and 950 < sizes["random-1b"] < 1200, sizes
+
+
+def test_the_gpu_cases_pair_with_peft_and_bitsandbytes_at_8_rows_of_2k() -> None:
+    from lorakit.bench.build import DEFAULT_VOCAB
+    from lorakit.bench.cases import GPU_TRAIN_CASES, RATIOS, SAME_OUTPUT
+    from lorakit.models import default_model_available, load_tokenizer
+
+    if default_model_available():  # the random Llamas' vocabulary is the default tokenizer's
+        assert len(load_tokenizer(None)) == DEFAULT_VOCAB
+    for method in ("lora", "dora", "qlora"):
+        ours, theirs = find_case(f"{method}_8x2k_bf16"), find_case(f"peft_{method}_8x2k_bf16")
+        for case in (ours, theirs):
+            assert (case.rows, case.seq, case.base, case.dtype, case.method) == (
+                8,
+                2048,
+                "bf16",
+                "bf16",
+                method,
+            )
+            assert case.extra and case.name in GPU_TRAIN_CASES
+        assert (ours.library, ours.loss, theirs.library, theirs.loss) == (
+            "lorakit",
+            "chunked",
+            "peft",
+            "model",
+        )
+        assert (ours.name, theirs.name) in RATIOS["train"] and (ours.name, theirs.name) in SAME_OUTPUT[
+            "train"
+        ]
