@@ -20,7 +20,7 @@ LONG_TEXT_PACKAGE := gensim==4.4.0
 # On a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" install
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint clean test-latest lock test-clients browser bench-trl test-gpu
+.PHONY: install demo test lint clean test-latest lock test-clients browser bench-trl test-gpu test-integration
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 test-clients: install
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c $(CONSTRAINTS) $(LLAMA_CPP_PYTHON) diskcache==5.6.3
 	$(BIN)/python -m pytest -q -m clients tests/clients
+
+# Long end-to-end checks kept out of `make test` (which CI runs, ~15 minutes on 2 cores): every
+# other method under DDP against one process (about 5 minutes).
+test-integration: install
+	$(BIN)/python -m pytest -q -m integration
 
 # The GPU test set (tests marked `gpu`; `make test` runs them too and they skip without CUDA). On a
 # GPU machine install a CUDA build of torch first (TORCH= above); docs/gpu.md has the figures and the
