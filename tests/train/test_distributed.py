@@ -118,7 +118,7 @@ def test_fsdp2_refuses_a_method_that_cannot_shard_on_every_rank(tmp_path) -> Non
     assert not (tmp_path / "bad" / "log.jsonl").exists()
 
 
-@pytest.mark.integration  # ~5 minutes on 2 cores: `make test-integration` (LoRA, MoPEFT, QLoRA and
+@pytest.mark.integration  # ~2 minutes on 2 cores: `make test-integration` (LoRA, MoPEFT, QLoRA and
 # LongLoRA under DDP, and LoRA/DoRA under FSDP2, stay in the default suite above)
 @pytest.mark.parametrize(
     "method", ["dora", "adapter", "adalora", "alora", "quantum", "prompt", "prefix", "norm", "full"]
