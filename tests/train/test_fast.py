@@ -4,6 +4,8 @@ gradients, not timed."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,3 +268,21 @@ def test_long_sequences_go_to_sdpa(monkeypatch) -> None:
         q, k, v = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(3))
         attention.attention_forward(module, q, k, v, None)
     assert calls == [attention.LONG]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt")
+def test_the_lean_allocator_is_set_said_and_switched_back(tiny) -> None:
+    """`--allocator lean` hands large blocks back to the OS (its memory effect is a bench figure,
+    docs/benchmarks.md); here: it is set once, said in the preparation lines, and "fast" restores
+    the default for the rest of this process."""
+    from lorakit.train import fast
+
+    try:
+        lines = fast.prepare_for_training(tiny.llama(), None, "off", allocator="lean")
+        assert fast.ALLOCATOR_LINES["lean"] in lines and fast._ALLOCATOR_TUNED == "lean"
+        assert fast.tune_allocator("lean") is False  # already set: nothing to do, nothing said
+        with pytest.raises(ValueError, match="allocator='small': choose one of fast, lean"):
+            fast.tune_allocator("small")
+    finally:
+        fast.tune_allocator("fast")
+    assert fast._ALLOCATOR_TUNED == "fast"

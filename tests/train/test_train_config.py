@@ -46,6 +46,7 @@ def test_from_dict_round_trips() -> None:
         ({"batch_size": 10, "micro_batch_size": 4}, "not a multiple of micro_batch_size"),
         ({"schedule": "step"}, "expected one of cosine, linear, constant"),
         ({"precision": "fp16"}, "expected one of auto, bf16, fp32"),
+        ({"allocator": "tiny"}, "expected one of fast, lean"),
         ({"steps": 0}, "steps=0 must be at least 1"),
         ({"warmup_ratio": 1.0}, r"warmup_ratio=1.0 must be in \[0, 1\)"),
         ({"lr": "fast"}, "lr='fast' is not a valid float"),

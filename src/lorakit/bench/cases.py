@@ -62,6 +62,7 @@ class Case:
     # train: the dtype the base model is loaded in; "bf16" as PEFT's GPU examples load it (both
     # libraries then keep fp32 adapters: PEFT's autocast_adapter_dtype, lorakit's own parameters)
     base: Literal["fp32", "bf16"] = "fp32"
+    allocator: str = "fast"  # train, lorakit: `--allocator` (lorakit.train.fast.tune_allocator)
 
 
 CASES: tuple[Case, ...] = (
@@ -182,6 +183,18 @@ CASES: tuple[Case, ...] = (
             ("peft_lora_task", "peft", "model", "padded"),
         )
     ),
+    # `--allocator lean` on the same batches (issue 26's memory goal, at a cost in time)
+    Case(
+        "lora_task_shared_lean_fp32",
+        "train",
+        "lorakit",
+        "unmerged",
+        "fp32",
+        "chunked",
+        extra=True,
+        data="shared",
+        allocator="lean",
+    ),  # fmt: skip
     # scaling with the work (issue 26): one row of N tokens, LoRA on every linear layer, lorakit's
     # step against PEFT's; `--cases` with SCALING_TRAIN_CASES (model size: the 4 x 256 cases with
     # `--model random-360m` / `random-1b`)
@@ -281,6 +294,8 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
             if f"lora_task{layout}_{dtype}" != other
         ),
         ("lora_task_shared_fp32", "peft_lora_task_bf16"),
+        ("lora_task_shared_lean_fp32", "peft_lora_task_fp32"),
+        ("lora_task_shared_lean_fp32", "lora_task_shared_fp32"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
         *((f"lora_seq{n}_{d}", f"peft_lora_seq{n}_{d}") for d in ("fp32", "bf16") for n in SCALING_LENGTHS),

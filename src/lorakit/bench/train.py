@@ -47,7 +47,8 @@ def run_train(
     if case.library == "lorakit":  # what `lorakit train` does before its first step
         from lorakit.train.fast import prepare_for_training
 
-        prepared = prepare_for_training(model, torch.bfloat16 if case.dtype == "bf16" else None, case.compile)
+        amp = torch.bfloat16 if case.dtype == "bf16" else None
+        prepared = prepare_for_training(model, amp, case.compile, allocator=case.allocator)
         if case.checkpointing:  # `lorakit train --gradient-checkpointing`
             from lorakit.train.trainer import enable_activation_checkpointing
 

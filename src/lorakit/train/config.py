@@ -16,10 +16,12 @@ from typing import Any, Literal
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
 Compile = Literal["auto", "on", "off"]
+Allocator = Literal["fast", "lean"]
 
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 COMPILES: tuple[str, ...] = typing.get_args(Compile)
+ALLOCATORS: tuple[str, ...] = typing.get_args(Allocator)
 
 # Options that change the numbers a run produces: a checkpoint written with other values cannot be
 # resumed into a run that equals an uninterrupted one. The others (where and how often to log,
@@ -121,6 +123,14 @@ class TrainConfig:
             "compiles: ~20 s with a warm cache, ~115 s cold on 2 cores); on; off"
         ),
     )
+    allocator: Allocator = field(
+        default="fast",
+        metadata=_help(
+            "CPU memory (glibc): fast keeps freed memory for reuse; lean hands blocks of 256 KB and "
+            "more back to the OS when freed: on the default task's fp32 batches 0.77x the peak "
+            "memory at 1.5x the step time (docs/benchmarks.md)"
+        ),
+    )
     progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
     kl_to_base: float = field(
         default=0.0,
@@ -193,6 +203,8 @@ class TrainConfig:
             p.append(f"precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.compile not in COMPILES:
             p.append(f"compile={self.compile!r}; expected one of {', '.join(COMPILES)}")
+        if self.allocator not in ALLOCATORS:
+            p.append(f"allocator={self.allocator!r}; expected one of {', '.join(ALLOCATORS)}")
         if self.report_to not in REPORT_TO:
             p.append(f"report_to={self.report_to!r}; expected one of {', '.join(REPORT_TO)}")
         elif self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:

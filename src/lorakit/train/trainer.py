@@ -440,6 +440,7 @@ class Trainer:
                 self.amp_dtype,
                 self.config.compile,
                 passes=self.config.steps * self.config.accumulation_steps,
+                allocator=self.config.allocator,
             ):
                 self._say(line)
         if self.config.gradient_checkpointing:
