@@ -359,6 +359,14 @@ def test_scaling_cases_pair_with_peft_and_the_random_llamas_have_their_sizes() -
     assert 340 < sizes["random-360m"] < 380 and 950 < sizes["random-1b"] < 1200, sizes
 
 
+def test_the_lean_allocator_case_is_the_shared_layout_with_lean_memory() -> None:
+    from lorakit.bench.cases import RATIOS
+
+    lean, fast = find_case("lora_task_shared_lean_fp32"), find_case("lora_task_shared_fp32")
+    assert (lean.allocator, fast.allocator) == ("lean", "fast") and lean.data == fast.data == "shared"
+    assert {(lean.name, "peft_lora_task_fp32"), (lean.name, fast.name)} <= set(RATIOS["train"])
+
+
 def test_the_gpu_cases_pair_with_peft_and_bitsandbytes_at_8_rows_of_2k() -> None:
     from lorakit.bench.build import DEFAULT_VOCAB
     from lorakit.bench.cases import GPU_TRAIN_CASES, RATIOS, SAME_OUTPUT
