@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,25 @@ def test_cache_is_built_once_then_reused(fake_default: dict[str, int], tmp_path:
     (folder,) = (tmp_path / "cache" / "models").iterdir()
     assert folder.name.startswith("smollm2-135m-instruct-")
     assert (folder / "lorakit-cache.json").is_file() and tok.pad_token == "<|im_end|>"
+
+
+def test_a_rebuilt_cache_removes_the_stale_ones_of_the_same_gguf_only(
+    fake_default: dict[str, int], tmp_path: Path
+) -> None:
+    """A reinstall (new mtime) converts again; the earlier conversion of that file goes, another
+    package's stays."""
+    import os
+
+    first = models.default_model_cache()
+    other = first.parent / f"{models.DEFAULT_NAME}-0000000000"
+    shutil.copytree(first, other)
+    marker = json.loads((other / "lorakit-cache.json").read_text())
+    (other / "lorakit-cache.json").write_text(json.dumps({**marker, "source": "/elsewhere/x.gguf"}))
+    gguf = models._default_gguf()
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # "reinstalled"
+    second = models.default_model_cache()
+    assert second != first and fake_default["gguf_loads"] == 2
+    assert not first.exists() and other.exists() and models._cache_is_complete(second)
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "garbage_config", "drop_marker"])

@@ -104,7 +104,24 @@ def default_model_cache() -> Path:
         warnings.warn(msg, stacklevel=2)
         _remove_dir(target)
     _build_cache(gguf, target)
+    _remove_stale_caches(target, gguf)
     return target
+
+
+def _remove_stale_caches(current: Path, gguf: Path) -> None:
+    """Delete earlier conversions of the same GGUF path (a reinstall changes its key: each one is a
+    full fp32 copy of the model, 538 MB for the default). Caches of other paths (another virtual
+    environment's package) are left alone; a process still reading a removed one keeps its open
+    files (Linux frees them at close)."""
+    for folder in current.parent.glob(f"{DEFAULT_NAME}-*"):
+        if folder == current or not folder.is_dir() or not _cache_is_complete(folder):
+            continue
+        try:
+            source = json.loads((folder / _MARKER).read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if source == str(gguf):
+            _remove_dir(folder)
 
 
 def model_folder(path: str | os.PathLike[str] | None = None) -> Path:
