@@ -11,8 +11,6 @@ import os
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def resolve_device(choice: str | None = "auto") -> torch.device:
     """The torch device for a `--device` value (None means "auto")."""

@@ -114,13 +114,7 @@ def _remove_stale_caches(current: Path, gguf: Path) -> None:
     environment's package) are left alone; a process still reading a removed one keeps its open
     files (Linux frees them at close)."""
     for folder in current.parent.glob(f"{DEFAULT_NAME}-*"):
-        if folder == current or not folder.is_dir() or not _cache_is_complete(folder):
-            continue
-        try:
-            source = json.loads((folder / _MARKER).read_text()).get("source")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if source == str(gguf):
+        if folder != current and _cache_is_complete(folder) and source_gguf(folder) == gguf:
             _remove_dir(folder)
 
 

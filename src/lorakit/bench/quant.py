@@ -33,8 +33,9 @@ def run_quant(
     frozen 4-bit matmul, forward and input gradient (x of MATMUL_ROWS rows, bf16)."""
     device = device or torch.device("cpu")
     weight = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * W_STD).to(device)
-    library = _bitsandbytes() if case.library == "bitsandbytes" else _lorakit()
-    quantize, dequantize, stored_bytes = library[:3]
+    quantize, dequantize, stored_bytes, matmul = (
+        _bitsandbytes() if case.library == "bitsandbytes" else _lorakit()
+    )
     state = quantize(weight)
     result = {
         "quantize": measure(lambda: quantize(weight), warmup, steps, sync),
@@ -46,7 +47,7 @@ def run_quant(
     result["relative_error"] = float((back - weight).norm() / weight.norm())
     result["fingerprint"] = {"head": back.view(-1)[:HEAD].tolist(), "sum": float(back.double().sum())}
     if case.method == "matmul":
-        result.update(_matmul(library[3], state, shape, device, warmup, steps, sync))
+        result.update(_matmul(matmul, state, shape, device, warmup, steps, sync))
     return result
 
 

@@ -100,21 +100,24 @@ def _compare(suite: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]
         return {"first_loss_abs_diff": abs(a["losses"][0] - b["losses"][0])}
     if suite == "quant":  # the same matrix decoded by both libraries
         fa, fb = a["fingerprint"], b["fingerprint"]
-        head = max(abs(x - y) for x, y in zip(fa["head"], fb["head"], strict=True))
-        out = {"dequantized_head_max_abs_diff": head, "dequantized_sum_abs_diff": abs(fa["sum"] - fb["sum"])}
+        out = {
+            "dequantized_head_max_abs_diff": _max_abs_diff(fa["head"], fb["head"]),
+            "dequantized_sum_abs_diff": abs(fa["sum"] - fb["sum"]),
+        }
         if "matmul_fingerprint" in a and "matmul_fingerprint" in b:  # the same product of the same values
-            ma, mb = a["matmul_fingerprint"], b["matmul_fingerprint"]
-            out["matmul_head_max_abs_diff"] = max(
-                abs(x - y) for x, y in zip(ma["head"], mb["head"], strict=True)
-            )
+            head_a, head_b = a["matmul_fingerprint"]["head"], b["matmul_fingerprint"]["head"]
+            out["matmul_head_max_abs_diff"] = _max_abs_diff(head_a, head_b)
         return out
     fa, fb = a["fingerprint"], b["fingerprint"]
-    diff = max(abs(x - y) for x, y in zip(fa["logits_head"], fb["logits_head"], strict=True))
     return {
-        "logits_max_abs_diff": diff,
+        "logits_max_abs_diff": _max_abs_diff(fa["logits_head"], fb["logits_head"]),
         "same_argmax": fa["argmax"] == fb["argmax"],
         "same_generated_tokens": fa["generated_ids"] == fb["generated_ids"],
     }
+
+
+def _max_abs_diff(xs: list[float], ys: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(xs, ys, strict=True))
 
 
 def write_report(report: dict[str, Any], out_dir: Path, suite: str) -> dict[str, str]:

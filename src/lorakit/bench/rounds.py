@@ -13,12 +13,9 @@ from typing import Any
 
 from .cases import RATIOS
 
-Results = dict[str, dict[str, Any]]
-MEMORY_PEAKS = (
-    "step_peak_rss_mb",
-    "peak_gpu_mb",
-    "step_peak_gpu_mb",
-)  # case name -> that case's result (or {"error": ...})
+Results = dict[str, dict[str, Any]]  # case name -> that case's result (or {"error": ...})
+# peaks a case may report besides its peak RSS: the steps' own RSS peak; on a GPU, the device's
+MEMORY_PEAKS = ("step_peak_rss_mb", "peak_gpu_mb", "step_peak_gpu_mb")
 # "matmul": the quant suite's 4-bit matmul cases only; a metric is combined where a case has it
 TIME_METRICS = {
     "infer": ("forward", "generate"),

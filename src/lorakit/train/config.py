@@ -128,7 +128,7 @@ class TrainConfig:
         metadata=_help(
             "CPU memory (glibc): fast keeps freed memory for reuse; lean hands blocks of 256 KB and "
             "more back to the OS when freed: on the default task's fp32 batches 0.77x the peak "
-            "memory at 1.5x the step time (docs/benchmarks.md)"
+            "memory at 1.33x the step time (docs/benchmarks.md)"
         ),
     )
     progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))

@@ -184,6 +184,9 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
 # default task's fp32 batches, AVX2-capped EPYC: peak 1.57 GB against 2.05 GB, 3.80 s a step against
 # 2.48 s: each step page-faults its activations in again; 1 MB gave 1.91 GB at 3.11 s, 4 MB nothing).
 LEAN_MMAP_THRESHOLD = 256 * 2**10
+# (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) per mode; lean keeps glibc's default trim threshold (128 KB),
+# so the top of the heap is returned too
+ALLOCATOR_SETTINGS = {"fast": (32 * 2**20, 2**31 - 1), "lean": (LEAN_MMAP_THRESHOLD, 128 * 2**10)}
 ALLOCATOR_LINES = {
     "fast": "glibc malloc: freed memory kept for reuse (M_MMAP_THRESHOLD 32 MB, no trimming)",
     "lean": "glibc malloc: blocks of 256 KB+ handed back to the OS when freed (--allocator lean: less "
@@ -206,12 +209,7 @@ def tune_allocator(mode: str = "fast") -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    if mode == "fast":
-        ok = mallopt(m_mmap_threshold, 32 * 2**20) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
-    else:  # glibc's default trim threshold (128 KB): the top of the heap is returned too
-        ok = (
-            mallopt(m_mmap_threshold, LEAN_MMAP_THRESHOLD) == 1
-            and mallopt(m_trim_threshold, 128 * 2**10) == 1
-        )
+    mmap_bytes, trim_bytes = ALLOCATOR_SETTINGS[mode]
+    ok = mallopt(m_mmap_threshold, mmap_bytes) == 1 and mallopt(m_trim_threshold, trim_bytes) == 1
     _ALLOCATOR_TUNED = mode if ok else _ALLOCATOR_TUNED
     return ok
