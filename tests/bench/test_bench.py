@@ -394,3 +394,42 @@ def test_the_gpu_cases_pair_with_peft_and_bitsandbytes_at_8_rows_of_2k() -> None
         assert (ours.name, theirs.name) in RATIOS["train"] and (ours.name, theirs.name) in SAME_OUTPUT[
             "train"
         ]
+
+
+def test_lorakit_train_cases_start_as_the_lorakit_command_and_the_others_as_python_does() -> None:
+    """The bench's case processes: lorakit's train cases with glibc's small-block caches off (what
+    `lorakit train` gets through `lorakit_launcher`), PEFT's, the infer cases and the opt-out case
+    with the environment the launcher would have found, whether or not `lorakit bench` itself came
+    through the launcher."""
+    import lorakit_launcher
+    from lorakit.bench.cases import RATIOS
+    from lorakit.bench.runner import case_environment
+
+    plain = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    for parent in (plain, lorakit_launcher.environment(plain) or plain):
+        ours = case_environment(find_case("lora_task_shared_fp32"), dict(parent))
+        if lorakit_launcher.glibc():
+            assert ours["GLIBC_TUNABLES"].endswith(":".join(lorakit_launcher.KNOBS))
+        for name in ("peft_lora_task_fp32", "lora_task_shared_default_malloc_fp32", "lora_unmerged"):
+            assert case_environment(find_case(name), dict(parent)) == plain, name
+    pair = ("lora_task_shared_fp32", "lora_task_shared_default_malloc_fp32")
+    assert pair in RATIOS["train"]
+
+
+def test_the_whole_run_bench_starts_lorakit_as_its_command_and_trl_as_python_does(
+    monkeypatch, tmp_path: Path
+) -> None:
+    import lorakit_launcher
+    from lorakit.bench import sft
+    from lorakit.core import io
+
+    seen = []
+    monkeypatch.setattr(io, "run_child", lambda command, log, env: seen.append(env) or (0, 1.0, 2.0))
+    monkeypatch.delenv(lorakit_launcher.MARKER, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert sft._child(["x"], tmp_path / "log", as_command=True) == {"wall_s": 1.0, "peak_rss_mb": 2.0}
+    sft._child(["x"], tmp_path / "log")
+    ours, trl = seen
+    assert trl["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2" and lorakit_launcher.MARKER not in trl
+    if lorakit_launcher.glibc():
+        assert ours["GLIBC_TUNABLES"] == lorakit_launcher.tunables("glibc.malloc.arena_max=2")

@@ -279,10 +279,26 @@ def test_the_lean_allocator_is_set_said_and_switched_back(tiny) -> None:
 
     try:
         lines = fast.prepare_for_training(tiny.llama(), None, "off", allocator="lean")
-        assert fast.ALLOCATOR_LINES["lean"] in lines and fast._ALLOCATOR_TUNED == "lean"
+        said = [line for line in lines if line.startswith(fast.ALLOCATOR_LINES["lean"])]
+        assert said and fast._ALLOCATOR_TUNED == "lean"
+        assert said[0].endswith(fast.small_block_caches())  # and the small-block caches, on or off
         assert fast.tune_allocator("lean") is False  # already set: nothing to do, nothing said
         with pytest.raises(ValueError, match="allocator='small': choose one of fast, lean"):
             fast.tune_allocator("small")
     finally:
         fast.tune_allocator("fast")
     assert fast._ALLOCATOR_TUNED == "fast"
+
+
+def test_the_log_says_whether_glibcs_small_block_caches_are_off(monkeypatch) -> None:
+    import lorakit_launcher
+    from lorakit.train import fast
+
+    if not lorakit_launcher.glibc():
+        assert "not glibc" in fast.small_block_caches()
+        return
+    monkeypatch.setenv("GLIBC_TUNABLES", lorakit_launcher.tunables("glibc.malloc.arena_max=2"))
+    assert fast.small_block_caches().startswith("small-block caches off")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")  # half of it is not off
+    said = fast.small_block_caches()
+    assert said.startswith("glibc's small-block caches on") and lorakit_launcher.tunables() in said

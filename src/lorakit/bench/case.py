@@ -10,6 +10,7 @@ device's peak of allocated memory (`torch.cuda.max_memory_allocated`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         rss_ready_mb=rss_ready,
         peak_rss_mb=peak_rss_mb(),
         torch_threads=torch.get_num_threads(),
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),  # bench.runner.case_environment
         **adapter_stats(model),
     )
     if case.method == "qlora" and case.library == "peft":

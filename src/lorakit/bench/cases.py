@@ -63,6 +63,9 @@ class Case:
     # libraries then keep fp32 adapters: PEFT's autocast_adapter_dtype, lorakit's own parameters)
     base: Literal["fp32", "bf16"] = "fp32"
     allocator: str = "fast"  # train, lorakit: `--allocator` (lorakit.train.fast.tune_allocator)
+    # train, lorakit: "" as the `lorakit` command starts (glibc's small-block caches off,
+    # `lorakit_launcher`), "default" glibc as it is (every other case runs so: bench.runner)
+    malloc: Literal["", "default"] = ""
 
 
 CASES: tuple[Case, ...] = (
@@ -183,17 +186,28 @@ CASES: tuple[Case, ...] = (
             ("peft_lora_task", "peft", "model", "padded"),
         )
     ),
-    # `--allocator lean` on the same batches (issue 26's memory goal, at a cost in time)
-    Case(
-        "lora_task_shared_lean_fp32",
-        "train",
-        "lorakit",
-        "unmerged",
-        "fp32",
-        "chunked",
-        extra=True,
-        data="shared",
-        allocator="lean",
+    # the shared layout with one setting changed (issue 26's goals, docs/benchmarks.md): "lean"
+    # `--allocator lean` (memory, at a cost in time); "compiled" `--compile on` (`auto` compiles for
+    # runs of 1,000+ passes; the warm-up step pays the compilation, ~115 s with a cold TorchInductor
+    # cache); "default_malloc" glibc's small-block caches left on, as a Python program that imports
+    # lorakit runs it (the `lorakit` command turns them off: lorakit_launcher)
+    *(
+        Case(
+            f"lora_task_shared_{name}_fp32",
+            "train",
+            "lorakit",
+            "unmerged",
+            "fp32",
+            "chunked",
+            extra=True,
+            data="shared",
+            **setting,
+        )
+        for name, setting in (
+            ("lean", {"allocator": "lean"}),
+            ("compiled", {"compile": "on"}),
+            ("default_malloc", {"malloc": "default"}),
+        )
     ),  # fmt: skip
     # scaling with the work (issue 26): one row of N tokens, LoRA on every linear layer, lorakit's
     # step against PEFT's; `--cases` with SCALING_TRAIN_CASES (model size: the 4 x 256 cases with
@@ -296,6 +310,10 @@ RATIOS: dict[str, tuple[tuple[str, str], ...]] = {
         ("lora_task_shared_fp32", "peft_lora_task_bf16"),
         ("lora_task_shared_lean_fp32", "peft_lora_task_fp32"),
         ("lora_task_shared_lean_fp32", "lora_task_shared_fp32"),
+        ("lora_task_shared_default_malloc_fp32", "peft_lora_task_fp32"),
+        ("lora_task_shared_compiled_fp32", "peft_lora_task_fp32"),
+        ("lora_task_shared_compiled_fp32", "lora_task_shared_fp32"),
+        ("lora_task_shared_fp32", "lora_task_shared_default_malloc_fp32"),
         ("qlora_bf16", "peft_qlora_bf16"),
         ("peft_qlora_bf16", "peft_lora_bf16"),
         *((f"lora_seq{n}_{d}", f"peft_lora_seq{n}_{d}") for d in ("fp32", "bf16") for n in SCALING_LENGTHS),

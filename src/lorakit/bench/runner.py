@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .cases import SUITES, Case, select_cases
+import lorakit_launcher
+
+from .cases import SUITES, Case, find_case, select_cases
 from .report import machine_info, suite_report, write_report
 from .rounds import Results
 
@@ -140,10 +142,22 @@ def _run_rounds(
     return per_round
 
 
+def case_environment(case: Case, env: dict[str, str]) -> dict[str, str]:
+    """The environment a case's process starts with: lorakit's train cases get what the `lorakit`
+    command gives training (`lorakit_launcher`: glibc's small-block caches off) unless the case asks
+    for glibc as it is (`malloc="default"`); every other case gets the environment without it, as a
+    Python program that imports PEFT, or lorakit as a library, would have it."""
+    plain = lorakit_launcher.without(env)
+    if case.library != "lorakit" or case.suite != "train" or case.malloc == "default":
+        return plain
+    return lorakit_launcher.environment(plain) or plain
+
+
 def _run_case(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run one case in a fresh interpreter; a failure is recorded, not raised, so others still run."""
     threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env = {**os.environ, **threads_env, "OMP_WAIT_POLICY": OMP_WAIT_POLICY, "TOKENIZERS_PARALLELISM": "false"}
+    case_env = case_environment(find_case(spec["case"]), dict(os.environ))
+    env = {**case_env, **threads_env, "OMP_WAIT_POLICY": OMP_WAIT_POLICY, "TOKENIZERS_PARALLELISM": "false"}
     load_before = list(os.getloadavg())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:

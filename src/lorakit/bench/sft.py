@@ -24,12 +24,20 @@ from typing import Any
 RANK, ALPHA = 16, 32
 
 
-def _child(command: list[str], log: Path) -> dict[str, Any]:
-    """Run a child to the end in a fresh `log`; its wall time and peak RSS."""
+def _child(command: list[str], log: Path, as_command: bool = False) -> dict[str, Any]:
+    """Run a child to the end in a fresh `log`; its wall time and peak RSS. `as_command`: in the
+    environment the `lorakit` command gives itself (`lorakit_launcher`), else in this one without it
+    (TRL's arm runs as a Python program would)."""
+    import os
+
+    import lorakit_launcher
     from lorakit.core.io import run_child
 
+    env = lorakit_launcher.without(os.environ)
+    if as_command:
+        env = lorakit_launcher.environment(env) or env
     log.unlink(missing_ok=True)
-    code, wall, peak = run_child(command, log)
+    code, wall, peak = run_child(command, log, env)
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
         raise SystemExit(f"{' '.join(command[:4])} ... failed ({code}); end of {log}:\n{tail}")
@@ -111,7 +119,7 @@ def _score(adapter: Path, log: Path, model_path: str | None, limit: int) -> dict
     ]
     if model_path:
         command += ["--model", model_path]
-    _child(command, log)
+    _child(command, log, as_command=True)
     lines = log.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("{"))
     return json.loads("\n".join(lines[start:]))["model"]  # `lorakit eval --json`: {"base": ..., "model": ...}
@@ -130,7 +138,10 @@ def run(
     command = [sys.executable, "-m", "lorakit", "train", "--replay", "none", "--steps", str(steps), "--skip-eval",
                "--no-progress-bar", "--output-dir", str(ours), *model, *lorakit_args]  # fmt: skip
     arms: dict[str, Any] = {
-        "lorakit": {"command": shlex.join(command[2:]), **_child(command, out / "lorakit.log")}
+        "lorakit": {
+            "command": shlex.join(command[2:]),
+            **_child(command, out / "lorakit.log", as_command=True),
+        }
     }
     metrics = json.loads((ours / "metrics.json").read_text())["train"]
     log = [json.loads(line) for line in (ours / "log.jsonl").read_text().splitlines()]

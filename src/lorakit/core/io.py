@@ -115,14 +115,15 @@ def non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     ]
 
 
-def run_child(command: list[str], log: Path) -> tuple[int, float, float]:
-    """Run a child process with its output appended to `log` (after a "$ command" line); (return
-    code, wall seconds, its peak RSS in MB from wait4). An interrupt kills the child too."""
+def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[int, float, float]:
+    """Run a child process (in `env`, default this one's) with its output appended to `log` (after a
+    "$ command" line); (return code, wall seconds, its peak RSS in MB from wait4). An interrupt kills
+    the child too."""
     start = time.perf_counter()
     with open(log, "a") as sink:
         sink.write(f"$ {shlex.join(command)}\n")
         sink.flush()
-        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:

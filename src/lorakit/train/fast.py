@@ -20,6 +20,11 @@ beyond rounding order: the linear layers see the same bf16 operands autocast wou
 - glibc's allocator told to keep freed memory (`tune_allocator`): PyTorch's CPU tensors come
   straight from malloc, and glibc returns every large free to the OS, so each step page-faults
   its activations in again (a softmax over a fresh 9 MB tensor took 25 ms instead of 1.3 ms).
+  Its small-block caches (tcache, fast bins) can only be turned off at the process's start, which
+  the `lorakit` command does (`lorakit_launcher`); the log line says whether they are off
+  (`small_block_caches`): with them on, the blocks they hold scatter through the space freed
+  activations left and the heap grows instead of reusing it (0.82x the fp32 task step's peak RSS
+  without them, docs/benchmarks.md).
 - decoder layers compiled with `torch.compile` for training calls (`lorakit.train.compiled`):
   the elementwise work between matmuls fused, attention probabilities, norm outputs and SwiGLU's
   product recomputed in backward instead of kept. compile="auto" does it on a CPU for models of
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 from typing import Any
 
@@ -89,7 +95,7 @@ def prepare_for_training(
                 f"frozen linear weights stored in {str(amp_dtype).removeprefix('torch.')}: {cast} layers"
             )
     if device.type == "cpu" and tune_allocator(allocator):
-        done.append(ALLOCATOR_LINES[allocator])
+        done.append(f"{ALLOCATOR_LINES[allocator]}; {small_block_caches()}")
     if compile != "off":
         done.append(_compile(model, device, compile, passes))
     return done
@@ -192,6 +198,23 @@ ALLOCATOR_LINES = {
     "lean": "glibc malloc: blocks of 256 KB+ handed back to the OS when freed (--allocator lean: less "
     "resident memory, slower steps)",
 }
+
+
+def small_block_caches() -> str:
+    """What the log says of glibc's per-thread cache and fast bins, which only the process's start
+    can turn off (`lorakit_launcher`: the `lorakit` command does)."""
+    import lorakit_launcher
+
+    if not lorakit_launcher.glibc():
+        return "not glibc: its small-block caches do not apply"
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    if all(knob in current.split(":") for knob in lorakit_launcher.KNOBS):
+        return "small-block caches off (GLIBC_TUNABLES), so freed activations are reused in one piece"
+    return (
+        "glibc's small-block caches on (a Python program's default; the `lorakit` command turns them "
+        f"off: GLIBC_TUNABLES={lorakit_launcher.tunables()} before Python starts, ~0.35 GB less at "
+        "the default task's fp32 peak)"
+    )
 
 
 def tune_allocator(mode: str = "fast") -> bool:
