@@ -130,9 +130,10 @@ def test_new_adapters_follow_the_models_training_mode(training: bool) -> None:
             torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
-def test_lora_without_gradients_fuses_its_addition_and_computes_the_same() -> None:
-    """No-grad LoRA adds its branch with one addmm; the result is the reference formula
-    out + scale * (x A^T) B^T, and what the gradient-enabled (unfused) path computes."""
+def test_lora_fuses_its_addition_except_under_autocast_training_and_computes_the_same() -> None:
+    """LoRA adds its branch with one addmm without gradients and in full-precision training; under
+    autocast with gradients it keeps the separate ops. Each gives the reference formula
+    out + scale * (x A^T) B^T, and the fused training path its gradients for x, A and B."""
     from torch import nn
     from torch.nn import functional as F
 
@@ -146,21 +147,31 @@ def test_lora_without_gradients_fuses_its_addition_and_computes_the_same() -> No
     assert isinstance(delta, LoRADelta)
     with torch.no_grad():
         delta.lora_B.normal_(generator=torch.Generator().manual_seed(1))
-    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2), requires_grad=True)
     calls = []
     real_addmm = torch.addmm
     try:
         torch.addmm = lambda *a, **k: calls.append(1) or real_addmm(*a, **k)  # type: ignore[assignment]
         with torch.no_grad():
             fused = adapted(x)
-        unfused = adapted(x)
+        trained = adapted(x)
+        assert len(calls) == 2  # no grad, and fp32 training
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            adapted(x)
+        assert len(calls) == 2  # autocast training: the separate ops
     finally:
         torch.addmm = real_addmm
-    assert len(calls) == 1  # only the no-grad call took the fused path
-    base = F.linear(x, adapted.base_layer.weight, adapted.base_layer.bias)
-    reference = base + 2.0 * (x @ delta.lora_A.T) @ delta.lora_B.T
-    torch.testing.assert_close(fused, reference)
-    torch.testing.assert_close(fused, unfused.detach())
+    grads = torch.autograd.grad(trained.square().sum(), (x, delta.lora_A, delta.lora_B))
+
+    def reference(x, a, b):
+        return F.linear(x, adapted.base_layer.weight, adapted.base_layer.bias) + 2.0 * (x @ a.T) @ b.T
+
+    expected = reference(x, delta.lora_A, delta.lora_B)
+    torch.testing.assert_close(fused, expected.detach())
+    torch.testing.assert_close(trained, expected)
+    wanted = torch.autograd.grad(expected.square().sum(), (x, delta.lora_A, delta.lora_B))
+    for got, want in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_lora_without_gradients_applies_dropout_only_in_training_mode() -> None:
