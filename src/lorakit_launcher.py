@@ -7,8 +7,8 @@ per-thread cache of small freed blocks (tcache) and no fast bins. Those caches k
 (tensor headers, autograd nodes) "in use" wherever they were freed, scattered through the space the
 previous step's activations left, so the next step cannot reuse that space in one piece and the
 heap grows instead. Measured on the default task's fp32 batches (docs/benchmarks.md, "glibc's small-
-block caches"): peak resident memory of a step 2.0 GB with the caches, 1.65 GB without, the same step
-time.
+block caches"): a step's peak resident memory 0.82-0.88x of what it is with the caches, at the same
+step time.
 
 A `GLIBC_TUNABLES` that already sets either knob is left as it is; `LORAKIT_MALLOC=default` skips
 all this. `torchrun -m lorakit` / `python -m lorakit` do not pass through here: set

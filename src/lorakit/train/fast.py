@@ -23,7 +23,7 @@ beyond rounding order: the linear layers see the same bf16 operands autocast wou
   Its small-block caches (tcache, fast bins) can only be turned off at the process's start, which
   the `lorakit` command does (`lorakit_launcher`); the log line says whether they are off
   (`small_block_caches`): with them on, the blocks they hold scatter through the space freed
-  activations left and the heap grows instead of reusing it (0.82x the fp32 task step's peak RSS
+  activations left and the heap grows instead of reusing it (0.82-0.88x the fp32 task step's peak RSS
   without them, docs/benchmarks.md).
 - decoder layers compiled with `torch.compile` for training calls (`lorakit.train.compiled`):
   the elementwise work between matmuls fused, attention probabilities, norm outputs and SwiGLU's
@@ -212,7 +212,7 @@ def small_block_caches() -> str:
         return "small-block caches off (GLIBC_TUNABLES), so freed activations are reused in one piece"
     return (
         "glibc's small-block caches on (a Python program's default; the `lorakit` command turns them "
-        f"off: GLIBC_TUNABLES={lorakit_launcher.tunables()} before Python starts, ~0.35 GB less at "
+        f"off: GLIBC_TUNABLES={lorakit_launcher.tunables()} before Python starts: 0.2-0.35 GB less at "
         "the default task's fp32 peak)"
     )
 
