@@ -2,7 +2,7 @@
 
 It lives outside the `lorakit` package because importing the package imports torch (4 s), and what
 it sets only takes effect in a process that starts with it: on Linux with glibc, it starts the
-command again (`exec`, before anything heavy is imported) with `GLIBC_TUNABLES` asking for no
+command again (`exec` of its own script, before anything heavy is imported) with `GLIBC_TUNABLES` asking for no
 per-thread cache of small freed blocks (tcache) and no fast bins. Those caches keep small blocks
 (tensor headers, autograd nodes) "in use" wherever they were freed, scattered through the space the
 previous step's activations left, so the next step cannot reuse that space in one piece and the
@@ -70,11 +70,20 @@ def without(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def command_line(argv: list[str]) -> list[str]:
+    """How to start this command again: its script where there is one (`python -m` would put the
+    working directory first on the import path, where a `lorakit` folder or module could shadow the
+    package), else `python -m lorakit`."""
+    if argv and os.path.isfile(argv[0]):
+        return [sys.executable, argv[0], *argv[1:]]
+    return [sys.executable, "-m", "lorakit", *argv[1:]]
+
+
 def main() -> None:
     env = environment(os.environ)
     if env is not None:
         try:
-            os.execve(sys.executable, [sys.executable, "-m", "lorakit", *sys.argv[1:]], env)
+            os.execve(sys.executable, command_line(sys.argv), env)
         except OSError:  # no way to start again (an unusual interpreter): run as we are
             pass
     from lorakit.cli import main as run

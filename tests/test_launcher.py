@@ -56,6 +56,15 @@ def test_main_starts_the_command_again_with_the_knobs(monkeypatch) -> None:
     assert env["GLIBC_TUNABLES"] == KNOBS
 
 
+def test_the_console_script_is_started_again_not_python_m(tmp_path) -> None:
+    """`python -m` would look in the working directory first (a `lorakit` folder there could shadow
+    the package); the console script's own path does not."""
+    script = tmp_path / "lorakit"
+    script.write_text("")
+    assert launcher.command_line([str(script), "chat"]) == [sys.executable, str(script), "chat"]
+    assert launcher.command_line(["lorakit", "chat"]) == [sys.executable, "-m", "lorakit", "chat"]
+
+
 def test_main_runs_the_cli_when_nothing_is_to_change(monkeypatch) -> None:
     import lorakit.cli
 
