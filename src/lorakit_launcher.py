@@ -2,8 +2,8 @@
 
 It lives outside the `lorakit` package because importing the package imports torch (4 s), and what
 it sets only takes effect in a process that starts with it: on Linux with glibc, it starts the
-command again (`exec` of its own script, before anything heavy is imported) with `GLIBC_TUNABLES` asking for no
-per-thread cache of small freed blocks (tcache) and no fast bins. Those caches keep small blocks
+command again (`exec` of its own script, before anything heavy is imported) with `GLIBC_TUNABLES`
+asking for no per-thread cache of small freed blocks (tcache) and no fast bins. Those caches keep small blocks
 (tensor headers, autograd nodes) "in use" wherever they were freed, scattered through the space the
 previous step's activations left, so the next step cannot reuse that space in one piece and the
 heap grows instead. Measured on the default task's fp32 batches (docs/benchmarks.md, "glibc's small-

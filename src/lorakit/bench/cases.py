@@ -208,7 +208,7 @@ CASES: tuple[Case, ...] = (
             ("compiled", {"compile": "on"}),
             ("default_malloc", {"malloc": "default"}),
         )
-    ),  # fmt: skip
+    ),
     # scaling with the work (issue 26): one row of N tokens, LoRA on every linear layer, lorakit's
     # step against PEFT's; `--cases` with SCALING_TRAIN_CASES (model size: the 4 x 256 cases with
     # `--model random-360m` / `random-1b`)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -28,8 +29,6 @@ def _child(command: list[str], log: Path, as_command: bool = False) -> dict[str,
     """Run a child to the end in a fresh `log`; its wall time and peak RSS. `as_command`: in the
     environment the `lorakit` command gives itself (`lorakit_launcher`), else in this one without it
     (TRL's arm runs as a Python program would)."""
-    import os
-
     import lorakit_launcher
     from lorakit.core.io import run_child
 
