@@ -70,6 +70,13 @@ def without(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def child_environment(env: Mapping[str, str], as_command: bool) -> dict[str, str]:
+    """A child process's environment: what the `lorakit` command would start with (`as_command`),
+    or what a Python program would (`env` without the launcher's knobs), whichever way `env` came."""
+    plain = without(env)
+    return (environment(plain) or plain) if as_command else plain
+
+
 def command_line(argv: list[str]) -> list[str]:
     """How to start this command again: its script where there is one (`python -m` would put the
     working directory first on the import path, where a `lorakit` folder or module could shadow the

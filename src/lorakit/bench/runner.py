@@ -20,7 +20,7 @@ from typing import Any
 
 import lorakit_launcher
 
-from .cases import SUITES, Case, find_case, select_cases
+from .cases import SUITES, Case, select_cases
 from .report import machine_info, suite_report, write_report
 from .rounds import Results
 
@@ -126,7 +126,7 @@ def _run_rounds(
     done = itertools.count(1)
 
     def run(case: Case, index: int) -> dict[str, Any]:
-        result = _run_case({**spec, "case": case.name}, spec["threads"])
+        result = _run_case(case, {**spec, "case": case.name}, spec["threads"])
         result["round"] = index + 1
         if verbose:
             progress = f"[{next(done)}/{total}] round {index + 1}/{rounds} {_progress(case, result)}"
@@ -147,16 +147,14 @@ def case_environment(case: Case, env: dict[str, str]) -> dict[str, str]:
     command gives training (`lorakit_launcher`: glibc's small-block caches off) unless the case asks
     for glibc as it is (`malloc="default"`); every other case gets the environment without it, as a
     Python program that imports PEFT, or lorakit as a library, would have it."""
-    plain = lorakit_launcher.without(env)
-    if case.library != "lorakit" or case.suite != "train" or case.malloc == "default":
-        return plain
-    return lorakit_launcher.environment(plain) or plain
+    as_command = case.library == "lorakit" and case.suite == "train" and case.malloc != "default"
+    return lorakit_launcher.child_environment(env, as_command)
 
 
-def _run_case(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+def _run_case(case: Case, spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run one case in a fresh interpreter; a failure is recorded, not raised, so others still run."""
     threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    case_env = case_environment(find_case(spec["case"]), dict(os.environ))
+    case_env = case_environment(case, dict(os.environ))
     env = {**case_env, **threads_env, "OMP_WAIT_POLICY": OMP_WAIT_POLICY, "TOKENIZERS_PARALLELISM": "false"}
     load_before = list(os.getloadavg())
     start = time.perf_counter()

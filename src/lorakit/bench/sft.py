@@ -32,11 +32,8 @@ def _child(command: list[str], log: Path, as_command: bool = False) -> dict[str,
     import lorakit_launcher
     from lorakit.core.io import run_child
 
-    env = lorakit_launcher.without(os.environ)
-    if as_command:
-        env = lorakit_launcher.environment(env) or env
     log.unlink(missing_ok=True)
-    code, wall, peak = run_child(command, log, env)
+    code, wall, peak = run_child(command, log, lorakit_launcher.child_environment(os.environ, as_command))
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
         raise SystemExit(f"{' '.join(command[:4])} ... failed ({code}); end of {log}:\n{tail}")

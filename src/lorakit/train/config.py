@@ -127,8 +127,9 @@ class TrainConfig:
         default="fast",
         metadata=_help(
             "CPU memory (glibc): fast keeps freed memory for reuse; lean hands blocks of 256 KB and "
-            "more back to the OS when freed: on the default task's fp32 batches 0.77x the peak "
-            "memory at 1.33x the step time (docs/benchmarks.md)"
+            "more back to the OS when freed: on the default task's fp32 batches 0.87-0.90x the peak "
+            "memory at 1.33-1.43x the step time as the lorakit command runs (0.77x at 1.33x with "
+            "glibc's small-block caches on; docs/benchmarks.md)"
         ),
     )
     progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
