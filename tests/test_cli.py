@@ -265,7 +265,8 @@ def test_base_scores_are_cached_for_the_next_run(tiny_run) -> None:
     assert before in cached
 
 
-def test_base_eval_cache_key_changes_with_weights_and_options() -> None:
+def test_base_eval_cache_key_changes_with_weights_and_options(monkeypatch) -> None:
+    from lorakit import run_eval
     from lorakit.data import EvalItem
     from lorakit.models import tiny_llama, tiny_tokenizer
     from lorakit.options import RunConfig
@@ -280,6 +281,9 @@ def test_base_eval_cache_key_changes_with_weights_and_options() -> None:
     assert key != base_eval_cache_file(model, tok, data, RunConfig(eval_max_new_tokens=5))
     other = EvalData([EvalItem(items[0].messages, "bye")], [], data.texts, data.prompts)
     assert key != base_eval_cache_file(model, tok, other, RunConfig())
+    monkeypatch.setattr(run_eval, "EVAL_VERSION", run_eval.EVAL_VERSION + 1)  # the scoring code changed
+    assert key != base_eval_cache_file(model, tok, data, RunConfig())
+    monkeypatch.undo()
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1e-3
     assert key != base_eval_cache_file(model, tok, data, RunConfig())

@@ -33,6 +33,19 @@ def evaluate(
     started = time.perf_counter()
     out: dict[str, Any] = {}
     match: dict[str, Any] = {"examples": []}
+    starts: dict[tuple[int, ...], list[int]] = {}
+    if data.answer_samples:  # first: its pass over the references says how far greedy answers follow them
+        nll = ev.answer_nll(
+            model,
+            data.answer_samples,
+            collate,
+            tokenizer.pad_token_id,
+            autocast_dtype=amp,
+            tokenizer=tokenizer,
+            greedy_starts=True,
+        )
+        out.update(answer_nll=nll["nll"], answer_nll_per_char=nll["nll_per_char"])
+        starts = nll["greedy_starts"]
     if data.items:  # none: --data without --eval-data and too few conversations to hold any out
         match = ev.exact_match(
             model,
@@ -41,18 +54,9 @@ def evaluate(
             score_exact_match,
             max_new_tokens=cfg.eval_max_new_tokens,
             autocast_dtype=amp,
+            starts=starts,
         )
         out.update(exact_match=match["accuracy"], correct=match["correct"], n=match["n"])
-    if data.answer_samples:
-        nll = ev.answer_nll(
-            model,
-            data.answer_samples,
-            collate,
-            tokenizer.pad_token_id,
-            autocast_dtype=amp,
-            tokenizer=tokenizer,
-        )
-        out.update(answer_nll=nll["nll"], answer_nll_per_char=nll["nll_per_char"])
     general = ev.text_nll(model, tokenizer, data.texts, max_tokens=cfg.general_tokens, autocast_dtype=amp)
     out.update(general_nll=general["nll"], general_nll_per_char=general["nll_per_char"])
     bad = {k: v for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)}
@@ -76,6 +80,10 @@ def evaluate(
 
 
 GENERAL_QA_TOKENS = 32  # a sentence: the base model answers trivia in one
+# The evaluation code's version, part of the base-evaluation cache key: raise it with any change
+# that can move a figure, so no run reads a base score computed the old way. 2: greedy answers
+# start from the answer-NLL pass's teacher-forced tokens (`answer_nll(greedy_starts=True)`).
+EVAL_VERSION = 2
 
 
 def eval_autocast(model: nn.Module) -> torch.dtype | None:
@@ -151,6 +159,7 @@ def base_eval_cache_file(model: nn.Module, tokenizer: Any, data: EvalData, cfg: 
         "autocast": str(eval_autocast(model)),
         "versions": [torch.__version__, transformers.__version__, _version()],
         "fields": 2,  # what a cached result holds: 2 adds the per-character NLLs
+        "scoring": EVAL_VERSION,
     }
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     return cache_root().parent / "base-eval" / f"{digest.hexdigest()[:32]}.json"

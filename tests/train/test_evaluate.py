@@ -30,19 +30,25 @@ def chat(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": " ".join(WORDS[: 1 + i % len(WORDS)]) + f" #{i}"}]
 
 
-def greedy_alone(model: torch.nn.Module, messages: list[dict[str, str]], n: int) -> str:
-    """Unbatched greedy decoding with a hand-written loop: the reference for batched generation."""
-    text = TOK.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([TOK(text, add_special_tokens=False)["input_ids"]])
+def greedy_ids(
+    model: torch.nn.Module, messages: list[dict[str, str]], n: int, start: list[int] | None = None
+) -> list[int]:
+    """Unbatched greedy decoding with a hand-written loop, from the chat prompt (and `start` after
+    it): up to `n` tokens, the eos included when reached."""
+    ids = torch.tensor([chat_prompt_ids(TOK, messages) + (start or [])])
     new: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
-            token = int(model(input_ids=ids).logits[0, -1].argmax())
-            if token == TOK.eos_token_id:
+            new.append(int(model(input_ids=ids).logits[0, -1].argmax()))
+            if new[-1] == TOK.eos_token_id:
                 break
-            new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], 1)
-    return TOK.decode(new, skip_special_tokens=True).strip()
+            ids = torch.cat([ids, torch.tensor([new[-1:]])], 1)
+    return new
+
+
+def greedy_alone(model: torch.nn.Module, messages: list[dict[str, str]], n: int) -> str:
+    """The reference for batched generation: `greedy_ids` decoded as an answer."""
+    return TOK.decode(greedy_ids(model, messages, n), skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llama(bias=True), tiny_gpt2])
@@ -348,3 +354,73 @@ def test_cannot_match_never_gives_up_on_a_text_that_matches() -> None:
         for cut in range(len(text) + 1):  # every prefix of a matching text, spaces dropped or not
             assert not cannot_match(text[:cut], reference)
             assert not cannot_match(text[:cut].replace(" ", "", 1), reference) or " " not in text[:cut]
+
+
+def answer_sample(messages: list[dict[str, str]], answer: list[int]) -> dict[str, list[int]]:
+    """As a chat template encodes a reply: the prompt, the answer, an unlabelled newline."""
+    prompt, tail = chat_prompt_ids(TOK, messages), TOK("\n", add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt + answer + tail, "labels": [-100] * len(prompt) + answer + [-100] * len(tail)}
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_answers_begun_from_the_answer_pass_equal_greedy_decoding(share_prefix: bool) -> None:
+    model = _sharp(tiny_llama(hidden_size=64))
+    prompts = [system_chat(i) for i in range(10)]
+    greedy = [greedy_ids(model, p, 12) for p in prompts]
+    assert len({tuple(g) for g in greedy}) > 1 and all(len(g) > 3 for g in greedy)
+    # references: even prompts their own greedy answer, odd ones with the third token changed
+    refs = [g if i % 2 == 0 else g[:2] + [(g[2] + 1) % 256] + g[3:] for i, g in enumerate(greedy)]
+    nll = answer_nll(
+        model, [answer_sample(p, r) for p, r in zip(prompts, refs, strict=True)], batch_size=4,
+        greedy_starts=True,
+    )  # fmt: skip
+    starts = nll["greedy_starts"]
+    for i, (p, g) in enumerate(zip(prompts, greedy, strict=True)):
+        assert starts[tuple(chat_prompt_ids(TOK, p))] == (g if i % 2 == 0 else g[:3])
+    assert nll["nll"] == pytest.approx(
+        answer_nll(model, [answer_sample(p, r) for p, r in zip(prompts, refs, strict=True)], batch_size=4)[
+            "nll"
+        ]
+    )
+    shapes = _forward_rows(model)
+    plain = generate_answers(model, TOK, prompts, 12, batch_size=4, share_prefix=share_prefix)
+    steps_plain = sum(rows for rows, _ in shapes)
+    shapes.clear()
+    begun = generate_answers(model, TOK, prompts, 12, batch_size=4, share_prefix=share_prefix, starts=starts)
+    steps_begun = sum(rows for rows, _ in shapes)
+    assert begun == plain == [greedy_alone(model, p, 12) for p in prompts]
+    assert steps_begun < steps_plain / 2  # half the prompts were not decoded at all
+
+
+def test_known_starts_are_cut_at_eos_and_at_the_token_budget() -> None:
+    model = _sharp(tiny_llama(hidden_size=64))
+    prompts = [system_chat(i) for i in range(3)]
+    keys = [tuple(chat_prompt_ids(TOK, p)) for p in prompts]
+    words = TOK("alpha beta gamma delta", add_special_tokens=False)["input_ids"]
+    eos = TOK.eos_token_id
+    starts = {keys[0]: [*words, eos, *words], keys[1]: words * 4, keys[2]: words[:1]}
+    shapes = _forward_rows(model)
+    answers = generate_answers(model, TOK, prompts, 30, starts=starts)  # 22 tokens in `words`
+    assert answers[0] == TOK.decode(words).strip()  # whole at the eos: nothing generated after it
+    assert answers[1] == TOK.decode((words * 4)[:30]).strip()  # the budget cuts a longer start
+    rest = greedy_ids(model, prompts[2], 29, start=words[:1])
+    assert answers[2] == TOK.decode(words[:1] + rest, skip_special_tokens=True).strip()
+    assert {rows for rows, _ in shapes} == {1}  # one row generated: the third prompt's
+
+
+def test_no_greedy_starts_from_a_collate_that_reorders_or_from_several_answer_turns() -> None:
+    model = _sharp(tiny_llama(hidden_size=64))
+    prompts = [system_chat(i) for i in range(4)]
+    samples = [answer_sample(p, greedy_ids(model, p, 6)) for p in prompts]
+
+    def reversed_collate(batch, pad_id):
+        from lorakit.train.evaluate import right_pad_collate
+
+        return right_pad_collate(list(batch)[::-1], pad_id)
+
+    assert answer_nll(model, samples, collate=reversed_collate, greedy_starts=True)["greedy_starts"] == {}
+    two_turns = dict(samples[0])
+    two_turns["labels"] = list(two_turns["labels"])
+    two_turns["labels"][-3] = -100  # labelled tokens that are not one unbroken run
+    starts = answer_nll(model, [two_turns, *samples[1:]], greedy_starts=True)["greedy_starts"]
+    assert tuple(chat_prompt_ids(TOK, prompts[0])) not in starts and len(starts) == 3

@@ -67,6 +67,7 @@ def generate_answers(
     autocast_dtype: torch.dtype | None = None,
     share_prefix: bool = True,
     settled: Sequence[Callable[[str], bool] | None] | None = None,
+    starts: Mapping[tuple[int, ...], Sequence[int]] | None = None,
 ) -> list[str]:
     """Greedy answers to chat prompts, decoded without special tokens and stripped.
 
@@ -79,46 +80,84 @@ def generate_answers(
     `settled[i]` (optional, per prompt): called with prompt i's answer so far, True once whatever
     follows cannot change how the caller scores it; that row then stops early (its answer is a
     truncated one, so callers pass it only for answers they score and do not show).
+
+    `starts` (optional, by a prompt's tokens): tokens its greedy answer is known to begin with,
+    from a teacher-forced pass over a reference answer (`answer_nll(..., greedy_starts=True)`):
+    the reference's tokens up to the first the model would not pick, then the one it picks. Such
+    a row is generated on from there, or not at all when the start already ends the answer (an
+    eos, or `max_new_tokens` tokens): a model that gets most answers right skips most decoding.
     """
     encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
     eos = _eos_ids(model, tokenizer)
     checks = list(settled) if settled is not None else [None] * len(encoded)
     if len(checks) != len(encoded):
         raise ValueError(f"settled has {len(checks)} entries for {len(encoded)} prompts")
+    begun = [_known_start(starts, e, eos, max_new_tokens) for e in encoded]
+    todo = [i for i, b in enumerate(begun) if len(b) < max_new_tokens and not set(b) & set(eos)]
+    answers = [list(b) for b in begun]
+    if todo:
+        going = [encoded[i] + begun[i] for i in todo]  # generation goes on after the known start
+        budgets = [max_new_tokens - len(begun[i]) for i in todo]
 
-    def decided(i: int, tokens: list[int]) -> bool:
-        check = checks[i]
-        return check is not None and check(_decode_until(tokenizer, tokens, eos))
+        def decided(k: int, tokens: list[int]) -> bool:
+            check = checks[todo[k]]
+            return check is not None and check(_decode_until(tokenizer, begun[todo[k]] + tokens, eos))
 
+        with torch.inference_mode(), _autocast(model, autocast_dtype):
+            new = _generate(model, tokenizer, going, budgets, batch_size, eos, decided, share_prefix, settled)
+        for i, tokens in zip(todo, new, strict=True):
+            answers[i] += tokens
+    return [_decode_until(tokenizer, a, eos) for a in answers]
+
+
+def _known_start(
+    starts: Mapping[tuple[int, ...], Sequence[int]] | None, prompt: list[int], eos: list[int], limit: int
+) -> list[int]:
+    """The known start of `prompt`'s greedy answer, cut after its first eos and at `limit` tokens."""
+    start = list(starts.get(tuple(prompt), ())) if starts else []
+    end = next((k + 1 for k, t in enumerate(start) if t in eos), len(start))
+    return start[: min(end, limit)]
+
+
+def _generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: list[list[int]],
+    budgets: list[int],
+    batch_size: int,
+    eos: list[int],
+    decided: Callable[[int, list[int]], bool],
+    share_prefix: bool,
+    settled: object,
+) -> list[list[int]]:
+    """Greedy tokens after each of `encoded`, at most `budgets[k]` for prompt k: from the prompts'
+    shared prefix's cache where the model allows it, else with transformers' `generate`."""
     # every prompt keeps a token after the prefix: the first answer token is read from its logits
     prefix = common_prefix_length(encoded, min(len(e) for e in encoded) - 1)
     if share_prefix and prefix >= MIN_SHARED_PREFIX and shared_prefix_problem(model) is None:
-        with torch.inference_mode(), _autocast(model, autocast_dtype):
-            out = _greedy_shared_prefix(
-                model, encoded, prefix, max_new_tokens, batch_size, eos, tokenizer.pad_token_id, decided
-            )
-        return [_decode_until(tokenizer, new, eos) for new in out]
+        return _greedy_shared_prefix(
+            model, encoded, prefix, budgets, batch_size, eos, tokenizer.pad_token_id, decided
+        )
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    answers = [""] * len(encoded)
-    with torch.inference_mode(), _autocast(model, autocast_dtype):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            ids, mask = _left_pad([encoded[i] for i in rows], tokenizer.pad_token_id, _device(model))
-            # one process generates (rank 0 of a launch, the model gathered whole after FSDP2):
-            # transformers would otherwise sync every token with ranks that are not generating
-            stop = StoppingCriteriaList([_Settled(rows, ids.shape[1], decided)] if settled else [])
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False,
-                stopping_criteria=stop,
-            )  # fmt: skip
-            for i, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
-                answers[i] = _decode_until(tokenizer, new, eos)
+    answers: list[list[int]] = [[] for _ in encoded]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = _left_pad([encoded[i] for i in rows], tokenizer.pad_token_id, _device(model))
+        config = GenerationConfig(
+            max_new_tokens=max(budgets[i] for i in rows),  # a row with less is cut to its own after
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        # one process generates (rank 0 of a launch, the model gathered whole after FSDP2):
+        # transformers would otherwise sync every token with ranks that are not generating
+        stop = StoppingCriteriaList([_Settled(rows, ids.shape[1], decided)] if settled else [])
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False,
+            stopping_criteria=stop,
+        )  # fmt: skip
+        for i, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+            answers[i] = new[: budgets[i]]
     return answers
 
 
@@ -160,24 +199,27 @@ def _greedy_shared_prefix(
     model: nn.Module,
     encoded: Sequence[list[int]],
     prefix: int,
-    max_new_tokens: int,
+    budgets: Sequence[int],
     batch_size: int,
     eos: list[int],
     pad_id: int | None,
     decided: Callable[[int, list[int]], bool] = lambda i, tokens: False,
 ) -> list[list[int]]:
-    """Greedy decoding with the first `prefix` tokens (common to every prompt) computed once.
+    """Greedy decoding with the first `prefix` tokens (common to every prompt) computed once, at
+    most `budgets[i]` tokens after prompt i.
 
     Its cache is copied to every row of a batch; a row then holds [prefix | padding | the prompt's
     rest], padding masked out and the rest's positions continuing from the prefix's, so each token
     sees exactly what it would see in a row of its own. A row leaves the batch (its cache rows
-    dropped) when it reaches eos or `decided(prompt index, its tokens)` says it is settled, so the
-    rows still going are the only ones computed."""
+    dropped) when it reaches eos, its budget or `decided(prompt index, its tokens)` says it is
+    settled, so the rows still going are the only ones computed. Only the last position's logits
+    are computed where the model can be asked to (`logits_to_keep`)."""
     device = _device(model)
     cache_name = cache_argument(model)
     pad = pad_id if pad_id is not None else eos[0]
+    last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     head = torch.tensor([encoded[0][:prefix]], device=device)
-    shared = output_cache(model(input_ids=head, use_cache=True))
+    shared = output_cache(model(input_ids=head, use_cache=True, **last))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[list[int]] = [[] for _ in encoded]
     stop = set(eos)
@@ -193,17 +235,17 @@ def _greedy_shared_prefix(
         )
         cache = copy.deepcopy(shared)
         cache.batch_repeat_interleave(len(rows))
-        for _ in range(max_new_tokens):
+        for _ in range(max(budgets[i] for i in rows)):
             out = model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{cache_name: cache},
+                **{cache_name: cache}, **last,
             )  # fmt: skip
             cache = output_cache(out)
             token = out.logits[:, -1].argmax(-1)
             going = []
             for r, (i, t) in enumerate(zip(rows, token.tolist(), strict=True)):
                 answers[i].append(t)
-                if t not in stop and not decided(i, answers[i]):
+                if t not in stop and len(answers[i]) < budgets[i] and not decided(i, answers[i]):
                     going.append(r)
             if not going:
                 break
@@ -265,9 +307,19 @@ def answer_nll(
     autocast_dtype: torch.dtype | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     share_prefix: bool = True,
-) -> dict[str, float]:
+    greedy_starts: bool = False,
+) -> dict[str, Any]:
     """Mean NLL (nats/token) of the labelled tokens of already-encoded samples; with `tokenizer`
     also per character of the labelled tokens' text (`nll_per_char`), which compares tokenizers.
+
+    With `greedy_starts`, the same pass also reads how far greedy decoding would follow each
+    sample's answer (its labelled tokens, one unbroken run after the prompt):
+    `out["greedy_starts"]` maps a prompt's tokens to the answer's tokens up to the first one the
+    model would not pick, then the one it picks (all of them when it picks every one), which
+    `generate_answers(starts=...)` decodes on from instead of from the prompt. These are the
+    tokens greedy decoding produces, computed in one batched forward instead of one token at a
+    time (equal up to the rounding of a different batch layout, as batched decoding is to one
+    prompt at a time).
 
     With `share_prefix` (the default) each batch is laid out as the trainer lays out a micro-batch
     (`batching.shared_prefix_collate`: the prompt prefix its samples share computed once, each
@@ -285,21 +337,30 @@ def answer_nll(
         collate = shared_prefix_collate
     order = sorted(samples, key=lambda s: len(_field(s, "input_ids")))  # similar lengths per batch
     total, count = 0.0, 0
+    starts: dict[tuple[int, ...], list[int]] = {}
     with torch.inference_mode(), _autocast(model, autocast_dtype):
         for start in range(0, len(order), batch_size):
-            batch = collate(order[start : start + batch_size], pad_id)
-            nll_sum, n = _labelled_nll_sum(model, batch)
+            part = order[start : start + batch_size]
+            nll_sum, n, picked = _labelled_nll_sum(model, collate(part, pad_id), greedy_starts)
             total, count = total + nll_sum, count + n
+            if picked is not None:
+                starts.update(_greedy_starts(part, *picked))
     if count == 0:
         raise ValueError("answer_nll found no labelled tokens; expected labels other than -100")
-    out = {"nll": total / count, "tokens": count}
+    out: dict[str, Any] = {"nll": total / count, "tokens": count}
+    if greedy_starts:
+        out["greedy_starts"] = starts
     if tokenizer is not None:
         chars = sum(len(tokenizer.decode([t for t in _field(s, "labels") if t != IGNORE])) for s in samples)
         out.update(chars=chars, nll_per_char=total / max(chars, 1))
     return out
 
 
-def _labelled_nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
+def _labelled_nll_sum(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], greedy: bool = False
+) -> tuple[float, int, tuple[list[int], list[int]] | None]:
+    """The batch's summed NLL over its labelled tokens and their count; with `greedy`, the labelled
+    tokens and the token the model picks at each of their positions (row by row, in order)."""
     device = _device(model)
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     mask = batch.get("attention_4d", batch.get("attention_mask"))  # a laid-out batch's own mask
@@ -308,7 +369,7 @@ def _labelled_nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tu
     targets = labels[:, 1:]  # (B, T-1): position t predicts labels[t + 1]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # (K,) positions any row scores
     if keep.numel() == 0:
-        return 0.0, 0
+        return 0.0, 0, ([], []) if greedy else None
     if _accepts(model, "logits_to_keep"):
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
     else:
@@ -316,7 +377,37 @@ def _labelled_nll_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tu
     targets = targets[:, keep]  # (B, K)
     scored = targets != IGNORE
     nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
-    return nll.item(), int(scored.sum())
+    picked = (targets[scored].tolist(), logits[scored].argmax(-1).tolist()) if greedy else None
+    return nll.item(), int(scored.sum()), picked
+
+
+def _greedy_starts(
+    samples: Sequence[Sample], targets: list[int], picked: list[int]
+) -> dict[tuple[int, ...], list[int]]:
+    """`answer_nll`'s greedy starts for a batch: `targets` are the labelled tokens as the collated
+    batch held them and `picked` the model's token at each, in order. A sample whose labelled
+    tokens are not one unbroken run after its prompt (several assistant turns) gives none; so do
+    all when the batch's labelled tokens are not the samples' in order (a collate that reorders).
+    What follows the run unlabelled (the template's newline after the end-of-turn) is ignored."""
+    runs, every = [], []
+    for s in samples:
+        ids, labels = list(_field(s, "input_ids")), list(_field(s, "labels"))
+        at = [t for t, label in enumerate(labels) if label != IGNORE]
+        one_run = bool(at) and at[0] > 0 and at[-1] - at[0] + 1 == len(at)  # after a prompt, unbroken
+        answer = labels[at[0] : at[-1] + 1] if one_run else None
+        runs.append((ids[: at[0]] if at else [], answer if answer == ids[at[0] : at[-1] + 1] else None))
+        every.append([labels[t] for t in at])
+    if [t for labels in every for t in labels] != targets:
+        return {}
+    counts = [len(labels) for labels in every]
+    out, at = {}, 0
+    for (prompt, answer), n in zip(runs, counts, strict=True):
+        mine, at = picked[at : at + n], at + n
+        if answer is None:
+            continue
+        miss = next((j for j, (a, b) in enumerate(zip(answer, mine, strict=True)) if a != b), n)
+        out[tuple(prompt)] = answer[:miss] + mine[miss : miss + 1]
+    return out
 
 
 def text_nll(
