@@ -17,6 +17,10 @@ run upper15_150 --target-modules "$upper"                       # backward stops
 run all_100_2e3 --steps 100 --lr 2e-3 --micro-batch-size 16     # the light recipe (micro-batch: same gradients)
 run all_100_15e3 --steps 100 --lr 1.5e-3 --micro-batch-size 16
 run all_80_2e3 --steps 80 --lr 2e-3 --micro-batch-size 16
+# 2026-12-04: two shorter candidates (70 steps), each with the AVX2 cap a real AVX2-only CPU has:
+# ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 bash docs/bench/light_recipe.sh
+run all_70_3e3 --steps 70 --lr 3e-3
+run all_70_2e3_loraplus16 --steps 70 --lr 2e-3 --loraplus-ratio 16
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
