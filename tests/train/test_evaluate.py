@@ -356,6 +356,14 @@ def test_cannot_match_never_gives_up_on_a_text_that_matches() -> None:
             assert not cannot_match(text[:cut].replace(" ", "", 1), reference) or " " not in text[:cut]
 
 
+def _decisive(model: torch.nn.Module) -> torch.nn.Module:
+    """A sharp model whose logits are spread 50x wider: a tiny random model's top two picks are
+    otherwise often within the fp32 tie margin (same picks, clearer leads)."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)
+    return model
+
+
 def answer_sample(messages: list[dict[str, str]], answer: list[int]) -> dict[str, list[int]]:
     """As a chat template encodes a reply: the prompt, the answer, an unlabelled newline."""
     prompt, tail = chat_prompt_ids(TOK, messages), TOK("\n", add_special_tokens=False)["input_ids"]
@@ -364,7 +372,7 @@ def answer_sample(messages: list[dict[str, str]], answer: list[int]) -> dict[str
 
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_answers_begun_from_the_answer_pass_equal_greedy_decoding(share_prefix: bool) -> None:
-    model = _sharp(tiny_llama(hidden_size=64))
+    model = _decisive(_sharp(tiny_llama(hidden_size=64)))
     prompts = [system_chat(i) for i in range(10)]
     greedy = [greedy_ids(model, p, 12) for p in prompts]
     assert len({tuple(g) for g in greedy}) > 1 and all(len(g) > 3 for g in greedy)
@@ -424,3 +432,20 @@ def test_no_greedy_starts_from_a_collate_that_reorders_or_from_several_answer_tu
     two_turns["labels"][-3] = -100  # labelled tokens that are not one unbroken run
     starts = answer_nll(model, [two_turns, *samples[1:]], greedy_starts=True)["greedy_starts"]
     assert tuple(chat_prompt_ids(TOK, prompts[0])) not in starts and len(starts) == 3
+
+
+def test_close_calls_end_the_greedy_start_before_them(monkeypatch) -> None:
+    import lorakit.train.evaluate as ev
+
+    model = _decisive(_sharp(tiny_llama(hidden_size=64)))
+    prompts = [system_chat(i) for i in range(4)]
+    samples = [answer_sample(p, greedy_ids(model, p, 6)) for p in prompts]
+    starts = answer_nll(model, samples, greedy_starts=True)["greedy_starts"]
+    assert all(len(s) > 1 for s in starts.values())  # clear picks: whole answers known
+    # a margin no pick clears: every start ends before its first token, and decoding decides all
+    monkeypatch.setattr(ev, "tie_margin", lambda model, dtype: math.inf)
+    unsure = answer_nll(model, samples, greedy_starts=True)["greedy_starts"]
+    assert set(unsure) == set(starts) and all(s == [] for s in unsure.values())
+    assert generate_answers(model, TOK, prompts, 6, starts=unsure) == generate_answers(model, TOK, prompts, 6)
+    monkeypatch.undo()
+    assert ev.tie_margin(model, None) < ev.tie_margin(model, torch.bfloat16)  # bf16 rounds far more

@@ -318,8 +318,9 @@ def answer_nll(
     model would not pick, then the one it picks (all of them when it picks every one), which
     `generate_answers(starts=...)` decodes on from instead of from the prompt. These are the
     tokens greedy decoding produces, computed in one batched forward instead of one token at a
-    time (equal up to the rounding of a different batch layout, as batched decoding is to one
-    prompt at a time).
+    time. A pick counts only where it leads the runner-up by more than the rounding of another
+    batch layout can move the two (`tie_margin`); at a closer call the start ends before it, and
+    decoding decides it as it would have without a start.
 
     With `share_prefix` (the default) each batch is laid out as the trainer lays out a micro-batch
     (`batching.shared_prefix_collate`: the prompt prefix its samples share computed once, each
@@ -338,10 +339,11 @@ def answer_nll(
     order = sorted(samples, key=lambda s: len(_field(s, "input_ids")))  # similar lengths per batch
     total, count = 0.0, 0
     starts: dict[tuple[int, ...], list[int]] = {}
+    margin = tie_margin(model, autocast_dtype) if greedy_starts else None
     with torch.inference_mode(), _autocast(model, autocast_dtype):
         for start in range(0, len(order), batch_size):
             part = order[start : start + batch_size]
-            nll_sum, n, picked = _labelled_nll_sum(model, collate(part, pad_id), greedy_starts)
+            nll_sum, n, picked = _labelled_nll_sum(model, collate(part, pad_id), margin)
             total, count = total + nll_sum, count + n
             if picked is not None:
                 starts.update(_greedy_starts(part, *picked))
@@ -356,11 +358,20 @@ def answer_nll(
     return out
 
 
+def tie_margin(model: nn.Module, autocast_dtype: torch.dtype | None) -> float:
+    """How far (in logits) the top pick must lead the runner-up for a teacher-forced pass to stand
+    for decoding: in fp32 the two layouts differ by ~1e-5; under bf16 by far more (one default-task
+    answer's first token led by 0.125 in the pass and lost in decoding)."""
+    dtype = autocast_dtype or next(model.parameters()).dtype
+    return 1e-2 if dtype in (torch.float32, torch.float64) else 1.0
+
+
 def _labelled_nll_sum(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], greedy: bool = False
+    model: nn.Module, batch: Mapping[str, torch.Tensor], margin: float | None = None
 ) -> tuple[float, int, tuple[list[int], list[int]] | None]:
-    """The batch's summed NLL over its labelled tokens and their count; with `greedy`, the labelled
-    tokens and the token the model picks at each of their positions (row by row, in order)."""
+    """The batch's summed NLL over its labelled tokens and their count; with a `margin`, the
+    labelled tokens and the token the model picks at each of their positions (row by row, in
+    order), -1 where the pick does not lead the runner-up by more than `margin`."""
     device = _device(model)
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     mask = batch.get("attention_4d", batch.get("attention_mask"))  # a laid-out batch's own mask
@@ -369,7 +380,7 @@ def _labelled_nll_sum(
     targets = labels[:, 1:]  # (B, T-1): position t predicts labels[t + 1]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # (K,) positions any row scores
     if keep.numel() == 0:
-        return 0.0, 0, ([], []) if greedy else None
+        return 0.0, 0, ([], []) if margin is not None else None
     if _accepts(model, "logits_to_keep"):
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
     else:
@@ -377,7 +388,11 @@ def _labelled_nll_sum(
     targets = targets[:, keep]  # (B, K)
     scored = targets != IGNORE
     nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
-    picked = (targets[scored].tolist(), logits[scored].argmax(-1).tolist()) if greedy else None
+    picked = None
+    if margin is not None:
+        top = logits[scored].float().topk(2, -1)
+        sure = top.values[:, 0] - top.values[:, 1] > margin
+        picked = (targets[scored].tolist(), torch.where(sure, top.indices[:, 0], -1).tolist())
     return nll.item(), int(scored.sum()), picked
 
 
@@ -385,7 +400,8 @@ def _greedy_starts(
     samples: Sequence[Sample], targets: list[int], picked: list[int]
 ) -> dict[tuple[int, ...], list[int]]:
     """`answer_nll`'s greedy starts for a batch: `targets` are the labelled tokens as the collated
-    batch held them and `picked` the model's token at each, in order. A sample whose labelled
+    batch held them and `picked` the model's token at each, in order (-1: too close to call, where
+    the start ends). A sample whose labelled
     tokens are not one unbroken run after its prompt (several assistant turns) gives none; so do
     all when the batch's labelled tokens are not the samples' in order (a collate that reorders).
     What follows the run unlabelled (the template's newline after the end-of-turn) is ignored."""
@@ -406,7 +422,7 @@ def _greedy_starts(
         if answer is None:
             continue
         miss = next((j for j, (a, b) in enumerate(zip(answer, mine, strict=True)) if a != b), n)
-        out[tuple(prompt)] = answer[:miss] + mine[miss : miss + 1]
+        out[tuple(prompt)] = answer[:miss] + [t for t in mine[miss : miss + 1] if t >= 0]
     return out
 
 
