@@ -104,7 +104,9 @@ def generate_answers(
             return check is not None and check(_decode_until(tokenizer, begun[todo[k]] + tokens, eos))
 
         with torch.inference_mode(), _autocast(model, autocast_dtype):
-            new = _generate(model, tokenizer, going, budgets, batch_size, eos, decided, share_prefix, settled)
+            new = _generate(
+                model, tokenizer, going, budgets, batch_size, eos, decided, share_prefix, settled is not None
+            )
         for i, tokens in zip(todo, new, strict=True):
             answers[i] += tokens
     return [_decode_until(tokenizer, a, eos) for a in answers]
@@ -128,10 +130,12 @@ def _generate(
     eos: list[int],
     decided: Callable[[int, list[int]], bool],
     share_prefix: bool,
-    settled: object,
+    stop_early: bool,
 ) -> list[list[int]]:
     """Greedy tokens after each of `encoded`, at most `budgets[k]` for prompt k: from the prompts'
-    shared prefix's cache where the model allows it, else with transformers' `generate`."""
+    shared prefix's cache where the model allows it, else with transformers' `generate` (asking
+    `decided` after every token only with `stop_early`: a criterion it would otherwise run for
+    nothing)."""
     # every prompt keeps a token after the prefix: the first answer token is read from its logits
     prefix = common_prefix_length(encoded, min(len(e) for e in encoded) - 1)
     if share_prefix and prefix >= MIN_SHARED_PREFIX and shared_prefix_problem(model) is None:
@@ -151,7 +155,7 @@ def _generate(
         )
         # one process generates (rank 0 of a launch, the model gathered whole after FSDP2):
         # transformers would otherwise sync every token with ranks that are not generating
-        stop = StoppingCriteriaList([_Settled(rows, ids.shape[1], decided)] if settled else [])
+        stop = StoppingCriteriaList([_Settled(rows, ids.shape[1], decided)] if stop_early else [])
         out = model.generate(
             input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False,
             stopping_criteria=stop,
@@ -387,10 +391,11 @@ def _labelled_nll_sum(
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, keep]
     targets = targets[:, keep]  # (B, K)
     scored = targets != IGNORE
-    nll = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
+    chosen = logits[scored].float()  # (labelled tokens, V)
+    nll = F.cross_entropy(chosen, targets[scored], reduction="sum")
     picked = None
     if margin is not None:
-        top = logits[scored].float().topk(2, -1)
+        top = chosen.topk(2, -1)
         sure = top.values[:, 0] - top.values[:, 1] > margin
         picked = (targets[scored].tolist(), torch.where(sure, top.indices[:, 0], -1).tolist())
     return nll.item(), int(scored.sum()), picked
@@ -401,10 +406,10 @@ def _greedy_starts(
 ) -> dict[tuple[int, ...], list[int]]:
     """`answer_nll`'s greedy starts for a batch: `targets` are the labelled tokens as the collated
     batch held them and `picked` the model's token at each, in order (-1: too close to call, where
-    the start ends). A sample whose labelled
-    tokens are not one unbroken run after its prompt (several assistant turns) gives none; so do
-    all when the batch's labelled tokens are not the samples' in order (a collate that reorders).
-    What follows the run unlabelled (the template's newline after the end-of-turn) is ignored."""
+    the start ends). A sample whose labelled tokens are not one unbroken run after its prompt
+    (several assistant turns) gives none; so do all when the batch's labelled tokens are not the
+    samples' in order (a collate that reorders). What follows the run unlabelled (the template's
+    newline after the end-of-turn) is ignored."""
     runs, every = [], []
     for s in samples:
         ids, labels = list(_field(s, "input_ids")), list(_field(s, "labels"))
